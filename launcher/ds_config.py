@@ -1,0 +1,256 @@
+"""DeepSpeed presets: engine settings in small JSON overlays; batch numbers and LR from the plan.
+
+A preset is a JSON file in ds_configs/ that carries engine settings (ZeRO stage, precision,
+clipping, bucket sizes, optimizer type and its betas/eps/weight decay) and at most the per-GPU
+micro-batch its name promises. A preset extends others with `"extends": "base.json"` (or a list,
+paths relative to the file); a spec may join several presets with `+`
+(`ds_configs/bs12.json+ds_configs/zero3.json`). Files are merged in dependency order, each file
+once, later files winning (dicts merge key by key, anything else is replaced), so an overlay's
+settings are never undone by a base that a later overlay extends again.
+
+`render(preset, plan)` adds the batch triple and the LR from the plan. A preset that already
+holds one of those numbers must agree with the plan: a disagreement is an error, not an override.
+Only the standard library is imported (the dry run stays fast).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from launcher.plan import Plan, PlanError
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DEFAULT_PRESET = "ds_configs/base.json"
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+_COMMENT_KEY = "_comment"
+# DeepSpeed schedulers whose peak LR and warmup we know how to render from the plan.
+_SCHEDULER_KEYS = {
+    "WarmupLR": ("warmup_max_lr", "warmup_num_steps"),
+    "WarmupDecayLR": ("warmup_max_lr", "warmup_num_steps"),
+    "WarmupCosineLR": (None, "warmup_num_steps"),  # its peak is the optimizer's lr
+}
+
+
+class DsConfigError(PlanError):
+    """A preset that cannot be loaded or that disagrees with the plan."""
+
+
+def available_presets() -> list[str]:
+    return sorted(p.name for p in PRESET_DIR.glob("*.json"))
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _find(part: str, relative_to: Path | None) -> Path:
+    """A preset file: relative to the extending file, else as given, else in the shipped folder."""
+    given = Path(part)
+    if relative_to is not None:
+        candidates = [relative_to / given]
+    else:
+        candidates = [given]
+        if not given.is_absolute():
+            candidates += [PRESET_DIR.parent / given, PRESET_DIR / given]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    where = f" (extended from {_display(relative_to)})" if relative_to is not None else ""
+    raise DsConfigError(
+        f"DeepSpeed preset {part!r} not found{where}; looked at "
+        f"{', '.join(dict.fromkeys(_display(c.absolute()) for c in candidates))}.\n"
+        f"Shipped presets in {_display(PRESET_DIR)}: {', '.join(available_presets())}; join several with '+', "
+        f"e.g. ds_configs/bs12.json+ds_configs/zero3.json",
+        rule="preset file exists",
+    )
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise DsConfigError(f"duplicate key {key!r}", rule="no duplicate keys")
+        out[key] = value
+    return out
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DsConfigError(f"{_display(path)}: cannot read: {e.strerror}", rule="preset readable") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates)
+    except json.JSONDecodeError as e:
+        raise DsConfigError(f"{_display(path)}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}",
+                            rule="preset is JSON") from None
+    except DsConfigError as e:
+        raise DsConfigError(f"{_display(path)}: {e}", rule=e.rule) from None
+    if not isinstance(data, dict):
+        raise DsConfigError(f"{_display(path)}: a preset is a JSON object, got {type(data).__name__}",
+                            rule="preset is an object")
+    return data
+
+
+def _parents(data: dict[str, Any], path: Path) -> list[str]:
+    extends = data.get("extends", [])
+    if isinstance(extends, str):
+        extends = [extends]
+    if not isinstance(extends, list) or not all(isinstance(e, str) for e in extends):
+        raise DsConfigError(f"{_display(path)}: \"extends\" is a file name or a list of them, got {extends!r}",
+                            rule="extends is a list of files")
+    return extends
+
+
+def _linearize(path: Path, stack: list[Path], order: list[Path], contents: dict[Path, dict]) -> None:
+    """Depth-first: each file after everything it extends, each file once; cycles refused."""
+    if path in stack:
+        cycle = " → ".join(_display(p) for p in stack[stack.index(path):] + [path])
+        raise DsConfigError(f"DeepSpeed presets extend each other in a cycle: {cycle}", rule="no extends cycle")
+    if path in contents:
+        return
+    data = _read(path)
+    stack.append(path)
+    for parent in _parents(data, path):
+        _linearize(_find(parent, path.parent), stack, order, contents)
+    stack.pop()
+    contents[path] = data
+    order.append(path)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+
+
+def _resolve(spec: str) -> tuple[list[Path], dict[Path, dict]]:
+    parts = [p.strip() for p in spec.split("+")] if isinstance(spec, str) else []
+    if not parts or not all(parts):
+        raise DsConfigError(f"DeepSpeed preset spec {spec!r}: expected file[+file...]", rule="preset spec")
+    order: list[Path] = []
+    contents: dict[Path, dict] = {}
+    for part in parts:
+        _linearize(_find(part, None), [], order, contents)
+    return order, contents
+
+
+def preset_files(spec: str) -> list[Path]:
+    """The files a spec resolves to, in merge order."""
+    return _resolve(spec)[0]
+
+
+def load_preset(spec: str) -> dict[str, Any]:
+    """The merged preset for `spec` ('a.json' or 'a.json+b.json'), without `extends`/comments."""
+    order, contents = _resolve(spec)
+    merged: dict[str, Any] = {}
+    for path in order:
+        own = {k: v for k, v in contents[path].items() if k not in ("extends", _COMMENT_KEY)}
+        _merge(merged, own)
+    _check_preset(merged, spec)
+    return merged
+
+
+def _check_preset(preset: dict[str, Any], spec: str) -> None:
+    if "elasticity" in preset:
+        raise DsConfigError(f"{spec}: \"elasticity\" was removed from DeepSpeed 0.19; the planner sizes the "
+                            f"batch for each world instead", rule="no elasticity")
+    enabled = [p for p in ("bf16", "fp16") if isinstance(preset.get(p), Mapping) and preset[p].get("enabled")]
+    if len(enabled) > 1:
+        raise DsConfigError(f"{spec}: bf16 and fp16 are both enabled; pick one precision overlay",
+                            rule="one precision")
+    for key in BATCH_KEYS:
+        value = preset.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise DsConfigError(f"{spec}: {key} must be a positive whole number, got {value!r}",
+                                rule="batch keys are positive integers")
+
+
+def preset_micro_batch(preset: Mapping[str, Any]) -> int | None:
+    """The per-GPU micro-batch a preset promises (bs12.json → 12), or None."""
+    return preset.get("train_micro_batch_size_per_gpu")
+
+
+def zero_stage(preset: Mapping[str, Any]) -> int:
+    zero = preset.get("zero_optimization") or {}
+    return int(zero.get("stage", 0)) if isinstance(zero, Mapping) else 0
+
+
+def precision(preset: Mapping[str, Any]) -> str:
+    for name in ("bf16", "fp16"):
+        block = preset.get(name)
+        if isinstance(block, Mapping) and block.get("enabled"):
+            return name
+    return "fp32"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+            and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def _agree(block: dict[str, Any], key: str, value: Any, where: str, source: str, origin: str) -> None:
+    if key in block and not _same(block[key], value):
+        raise DsConfigError(
+            f"{source}: {where}{key} is {block[key]!r} but {origin} gives {value!r}.\n"
+            f"Rule: one source of truth per number: the preset carries engine settings; this number comes "
+            f"from {origin}.\nValid choices: remove {where}{key} from the preset, or change {origin}.",
+            rule="preset agrees with the plan",
+        )
+    block[key] = list(value) if isinstance(value, tuple) else value
+
+
+def render(preset: Mapping[str, Any], plan: Plan, optim: Mapping[str, Any] | None = None,
+           source: str = "the DeepSpeed preset") -> dict[str, Any]:
+    """The config for deepspeed.initialize: `preset` plus the plan's batch triple and LR.
+
+    `optim` (optional) holds the recipe's Adam settings (betas, eps, weight_decay); where the
+    preset also has them they must agree. Raises DsConfigError naming the key and both values.
+    """
+    cfg = copy.deepcopy(dict(preset))
+    cfg.pop("extends", None)
+    cfg.pop(_COMMENT_KEY, None)
+    plan_origin = f"the plan ({plan.headline})"
+    for key, value in plan.ds_batch_keys().items():
+        _agree(cfg, key, value, "", source, plan_origin)
+    optimizer = cfg.get("optimizer")
+    if optimizer is not None:
+        if not isinstance(optimizer, dict):
+            raise DsConfigError(f"{source}: \"optimizer\" must be an object, got {optimizer!r}",
+                                rule="optimizer block")
+        params = optimizer.setdefault("params", {})
+        _agree(params, "lr", plan.peak_lr, "optimizer.params.", source,
+               f"the plan's peak LR ({plan.lr_derivation})")
+        for key, value in (optim or {}).items():
+            _agree(params, key, value, "optimizer.params.", source, f"the recipe's optim.{key}")
+    scheduler = cfg.get("scheduler")
+    if scheduler is not None:
+        kind = scheduler.get("type") if isinstance(scheduler, dict) else None
+        if kind not in _SCHEDULER_KEYS:
+            raise DsConfigError(
+                f"{source}: scheduler type {kind!r} cannot be rendered from the plan; supported: "
+                f"{', '.join(_SCHEDULER_KEYS)} (or leave the LR schedule to the training loop)",
+                rule="known scheduler",
+            )
+        params = scheduler.setdefault("params", {})
+        peak_key, warmup_key = _SCHEDULER_KEYS[kind]
+        if peak_key:
+            _agree(params, peak_key, plan.peak_lr, "scheduler.params.", source,
+                   f"the plan's peak LR ({plan.lr_derivation})")
+        _agree(params, warmup_key, plan.warmup_steps, "scheduler.params.", source,
+               f"the plan's warmup ({plan.warmup_samples} samples / {plan.global_batch} per update)")
+    return cfg

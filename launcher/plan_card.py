@@ -1,0 +1,74 @@
+"""The plan card: a plan and its rendered DeepSpeed config, printed for a human with rich."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from launcher.ds_config import precision, zero_stage
+from launcher.plan import Plan, format_lr
+
+
+def _seconds(s: float) -> str:
+    text = f"{s:g} s"
+    if s >= 3600:
+        return f"{text} ({s / 3600:.3g} h)"
+    if s >= 60:
+        return f"{text} ({s / 60:.3g} min)"
+    return text
+
+
+def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
+         recipe: str | None = None) -> Panel:
+    nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''} × {plan.gpus_per_node} GPUs"
+    head = Text(plan.headline, style="bold")
+    legend = Text(f"per-GPU micro-batch × accumulation × world ({nodes}) = global batch", style="dim")
+
+    rows = Table.grid(padding=(0, 2))
+    rows.add_column(style="cyan", no_wrap=True)
+    rows.add_column()
+    rows.add_row("learning rate", plan.lr_derivation)
+    warmup = (f"{plan.warmup_samples} samples → {plan.warmup_steps} optimizer steps "
+              f"(ceil({plan.warmup_samples} / {plan.global_batch}))")
+    rows.add_row("warmup", warmup if plan.warmup_samples else "none")
+    rows.add_row("audio per update",
+                 f"{plan.global_batch} × {plan.segment_seconds:g} s = {_seconds(plan.audio_seconds_per_update)}")
+    if plan.steps_per_epoch is not None:
+        dropped = plan.dataset_size - plan.steps_per_epoch * plan.global_batch
+        rows.add_row("steps per epoch",
+                     f"{plan.dataset_size} // {plan.global_batch} = {plan.steps_per_epoch} optimizer steps"
+                     + (f" ({dropped} samples dropped per epoch)" if dropped else ""))
+    else:
+        rows.add_row("steps per epoch", "unknown (give --dataset_size)")
+    rows.add_row("per GPU", f"{plan.samples_per_gpu_per_update} samples per update "
+                            f"(the reference's effec_batch_size)")
+    rows.add_row("accumulation from", plan.accumulation_source)
+    recipe_world = (plan.recipe_num_nodes, plan.recipe_gpus_per_node)
+    if plan.accumulation_source.startswith("recipe") and (plan.num_nodes, plan.gpus_per_node) != recipe_world:
+        rows.add_row("hold", f"{plan.hold} (recipe written for {plan.recipe_num_nodes}×"
+                             f"{plan.recipe_gpus_per_node} GPUs)")
+    if ds_config is not None:
+        clip = ds_config.get("gradient_clipping")
+        engine = f"ZeRO {zero_stage(ds_config)}, {precision(ds_config)}"
+        if clip:
+            engine += f", clip {clip:g}"
+        opt = ds_config.get("optimizer") or {}
+        if opt:
+            engine += f", {opt.get('type')} lr {format_lr(opt.get('params', {}).get('lr', plan.peak_lr))}"
+        rows.add_row("DeepSpeed", f"{ds_spec}: {engine}" if ds_spec else engine)
+    if recipe:
+        rows.add_row("recipe", recipe)
+    for note in plan.notes:
+        rows.add_row("note", note)
+    return Panel(Group(head, legend, Text(""), rows), title="MossFormer2 training plan", title_align="left",
+                 expand=False)
+
+
+def print_card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
+               recipe: str | None = None, file: IO[str] | None = None) -> None:
+    Console(file=file, highlight=False, soft_wrap=False).print(card(plan, ds_spec, ds_config, recipe))

@@ -1,0 +1,84 @@
+"""Loss curves of several runs against samples seen, in one PNG.
+
+    python -m launcher.report runs/story_bs4 runs/story_bs12 --out story.png
+
+Samples seen (not steps) is the x-axis because runs with different batch plans take different
+numbers of steps for the same data: two plans with the same global batch should overlap here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A resumed run appends; keep the last record for each (kind, step).
+    latest: dict[tuple, dict] = {}
+    for r in records:
+        latest[(r.get("kind"), r.get("step"))] = r
+    return sorted(latest.values(), key=lambda r: (r.get("step") or 0))
+
+
+def label_for(run_dir: Path) -> str:
+    plan_path = run_dir / "plan.json"
+    if plan_path.is_file():
+        plan = json.loads(plan_path.read_text())
+        return (f"{run_dir.name}: {plan['micro_batch']}×{plan['accumulation_steps']}×{plan['world_size']}"
+                f"={plan['global_batch']}, lr {plan['peak_lr']:.2g}")
+    return run_dir.name
+
+
+def draw(run_dirs: list[Path], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run_dir in run_dirs:
+        records = read_metrics(run_dir)
+        label = label_for(run_dir)
+        train = [r for r in records if r.get("kind") == "train"]
+        valid = [r for r in records if r.get("kind") == "valid"]
+        if train:
+            line, = axes[0].plot([r["samples_seen"] for r in train], [r["loss"] for r in train], label=label)
+            if valid:
+                axes[0].plot([r["samples_seen"] for r in valid], [r["loss"] for r in valid], "o--",
+                             color=line.get_color(), label=f"{run_dir.name} (valid)")
+        if valid:
+            axes[1].plot([r["samples_seen"] for r in valid], [r["si_snr_db"] for r in valid], "o-", label=label)
+    axes[0].set(xlabel="samples seen", ylabel="mask loss", title="Mask loss")
+    axes[1].set(xlabel="samples seen", ylabel="SI-SNR (dB)", title="Validation SI-SNR of the enhanced signal")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=Path("runs/report.png"))
+    args = p.parse_args(argv)
+    try:
+        out = draw(args.run_dirs, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

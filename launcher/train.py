@@ -1,0 +1,503 @@
+"""Train MossFormer2 48 kHz with DeepSpeed.
+
+    deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/bs12.json --config recipes/train_48k.yaml
+
+Also under torchrun or srun (one task per rank). The order reads like the recipe:
+resolve config → plan → (dry run stops here) → process group + preflight → data → model → engine
+→ resume → loop. Everything a user can get wrong is refused before the process group starts.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# `deepspeed launcher/train.py` puts launcher/ itself first on sys.path; the packages live one up.
+_HERE = Path(__file__).resolve().parent
+if sys.path and Path(sys.path[0]).resolve() == _HERE:
+    sys.path[0] = str(_HERE.parent)
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+from launcher.config import Config, ConfigError, config_to_dict, dump_yaml, load_config, replace_section  # noqa: E402
+from launcher.dist_env import DistEnv, EnvError, read_dist_env  # noqa: E402
+from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan  # noqa: E402
+from launcher.plan import Plan, PlanError  # noqa: E402
+from launcher.preflight import PreflightError, check_head_reachable, check_run_dir, check_world  # noqa: E402
+
+RENDEZVOUS_TIMEOUT_S = float(os.environ.get("MF2_RENDEZVOUS_TIMEOUT_S", "120"))
+# Collectives may legitimately wait long (rank 0 validating a large corpus while the others wait).
+COLLECTIVE_TIMEOUT_S = float(os.environ.get("MF2_COLLECTIVE_TIMEOUT_S", "1800"))
+
+
+class TrainingAborted(RuntimeError):
+    pass
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ds_config", required=True, help="DeepSpeed preset(s), e.g. ds_configs/bs12.json[+ds_configs/zero3.json]")
+    p.add_argument("--config", default=None, help="YAML recipe (defaults < recipe < overrides)")
+    p.add_argument("--dry_run", action="store_true", help="print the plan and exit before any process group starts")
+    p.add_argument("--resume", default=None, help="auto (newest complete checkpoint of the run, if any) or a path")
+    p.add_argument("--run_dir", default=None, help="shortcut for train.run_dir=…")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    add_plan_arguments(p)
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="override any recipe key")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace, env: DistEnv) -> tuple[Config, Plan, dict, int | None]:
+    """Config and plan for this world; raises ConfigError/PlanError/DataError/PreflightError."""
+    from data import PairIndex
+
+    overrides = list(getattr(args, "set", None) or []) + list(args.overrides)
+    cfg = load_config(args.config, overrides)
+    if args.run_dir:
+        cfg = replace_section(cfg, "train", run_dir=args.run_dir)
+    dataset_size = None
+    if cfg.data.train_list and Path(cfg.data.train_list).is_file():
+        # Format only (no file is opened): the dry run stays fast on millions of lines.
+        dataset_size = len(PairIndex.from_lists([cfg.data.train_list], strict=not cfg.data.skip_bad))
+    if env.source == "single" and args.dry_run:
+        num_nodes, gpus = None, None  # the dry run's own --num_nodes/--num_gpus, or the recipe's world
+    else:
+        check_world(env, os.environ, args.num_nodes, args.num_gpus)
+        num_nodes, gpus = env.num_nodes, env.local_world_size
+    plan, ds_config = plan_from_args(args, cfg, num_nodes, gpus, dataset_size=dataset_size)
+    return cfg, plan, ds_config, dataset_size
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        env = read_dist_env(local_rank_arg=args.local_rank)
+    except EnvError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from data import DataError
+
+    try:
+        cfg, plan, ds_config, _ = resolve(args, env)
+    except (ConfigError, PlanError, DataError, PreflightError, EnvError) as e:
+        # Every rank stops here with the same verdict; rank 0 says why.
+        if env.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if env.rank == 0:
+        print_plan(plan, ds_config)
+    if args.dry_run:
+        return 0
+    if env.source == "single":
+        # DeepSpeed would fall back to MPI discovery and fail obscurely without a launcher.
+        env = DistEnv(0, 0, 1, 1, 1, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29500")), "single")
+        os.environ.update(env.export())
+    try:
+        return Trainer(cfg, plan, ds_config, env, args.resume).run()
+    except (PreflightError, TrainingAborted) as e:
+        print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
+        return 1
+
+
+class Trainer:
+    """Holds the engine, data and counters of one run; `run()` is the loop."""
+
+    def __init__(self, cfg: Config, plan: Plan, ds_config: dict, env: DistEnv, resume: str | None) -> None:
+        self.cfg, self.plan, self.ds_config, self.env, self.resume = cfg, plan, ds_config, env, resume
+        self.run_dir = Path(cfg.train.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _init_distributed(self) -> None:
+        import deepspeed
+        import torch
+        from deepspeed.accelerator import get_accelerator
+
+        from launcher.preflight import check_rendezvous
+
+        check_run_dir(self.run_dir, create=self.env.rank == 0) if self.env.rank == 0 else None
+        check_head_reachable(self.env, RENDEZVOUS_TIMEOUT_S)
+        accel = get_accelerator()
+        backend = accel.communication_backend_name()
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+        check_rendezvous(RENDEZVOUS_TIMEOUT_S)
+        if self.env.rank != 0:
+            check_run_dir(self.run_dir, create=False)
+        if accel.device_name() == "cuda":
+            torch.cuda.set_device(self.env.local_rank)
+        self.device = torch.device(accel.device_name(self.env.local_rank) if accel.device_name() != "cpu" else "cpu")
+
+    def _build_data(self):
+        import torch
+        import torch.distributed as dist
+
+        from data import CropDataset, CursorSampler, DataError, EvalSampler, build_loader, validate
+
+        d = self.cfg.data
+        if not d.train_list:
+            raise ConfigError("data.train_list is not set: give a list file of `noisy clean [seconds]` lines")
+
+        def checked(list_path: str):
+            # Rank 0 reads every header once (and caches them); the others then hit the cache. A bad
+            # corpus stops every rank here, before training, with rank 0 printing the whole report.
+            verdict = torch.zeros(1, device=self.device)
+            index = None
+            if self.env.rank == 0:
+                try:
+                    index, report = validate([list_path], sample_rate_hz=d.sample_rate_hz, resample=d.resample,
+                                             skip_bad=d.skip_bad, cache_dir=d.cache_dir)
+                    if report.num_bad:
+                        self.metrics.print(f"[data] {list_path}: skipped {report.num_bad} bad line(s) (skip_bad)")
+                except DataError as e:
+                    self.metrics.print(f"error: {e}")
+                    verdict += 1
+            dist.all_reduce(verdict)
+            if verdict.item():
+                raise TrainingAborted(f"{list_path}: bad data (rank 0 printed the report)")
+            if self.env.rank != 0:
+                index, _ = validate([list_path], sample_rate_hz=d.sample_rate_hz, resample=d.resample,
+                                    skip_bad=d.skip_bad, cache_dir=d.cache_dir)
+            return index
+
+        def loader(dataset, sampler):
+            return build_loader(dataset, sampler, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                                persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+
+        common = dict(segment_seconds=d.segment_seconds, sample_rate_hz=d.sample_rate_hz, normalize=d.normalize,
+                      resample=d.resample, seed=self.cfg.train.seed)
+        train_set = CropDataset(checked(d.train_list), random_crop=True, **common)
+        if len(train_set) < self.plan.global_batch:
+            raise TrainingAborted(
+                f"{d.train_list}: {len(train_set)} usable pairs cannot fill one optimizer step of "
+                f"{self.plan.global_batch} samples"
+            )
+        self.sampler = CursorSampler(len(train_set), self.plan.micro_batch, self.env.rank, self.env.world_size,
+                                     seed=self.cfg.train.seed, epoch_quantum=self.plan.global_batch)
+        self.train_loader = loader(train_set, self.sampler)
+        self.valid_loader = None
+        if d.valid_list:
+            valid_set = CropDataset(checked(d.valid_list), random_crop=False, **common)
+            self.valid_sampler = EvalSampler(len(valid_set), self.plan.micro_batch, self.env.rank, self.env.world_size)
+            self.valid_loader = loader(valid_set, self.valid_sampler)
+
+    def _build_engine(self, load_universal: bool) -> None:
+        import deepspeed
+        import torch
+
+        from model import build_model
+
+        # Identical initial weights on every rank (ZeRO-3 partitions what each rank built), then
+        # per-rank streams for dropout and dither.
+        torch.manual_seed(self.cfg.train.seed)
+        model = build_model(self.cfg.model.preset)
+        torch.manual_seed(self.cfg.train.seed + 1000 * (self.env.rank + 1))
+        ds_config = dict(self.ds_config)
+        if load_universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config
+        )
+        self.input_dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
+                            else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
+        self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def _record_run(self) -> None:
+        """The run's record, written once by rank 0: config, plan, DeepSpeed config, code revision."""
+        if self.env.rank != 0:
+            return
+        (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+        (self.run_dir / "plan.json").write_text(self.plan.to_json())
+        (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
+        root = Path(__file__).resolve().parent.parent
+        try:
+            rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            rev = ""
+        (self.run_dir / "revision.txt").write_text((rev or "unknown (not a git checkout)") + "\n")
+        (self.run_dir / "command.txt").write_text(
+            f"{' '.join(sys.argv)}\nhost {socket.gethostname()} world {self.env.world_size} "
+            f"({self.env.num_nodes}×{self.env.local_world_size}) via {self.env.source}\n"
+        )
+
+    # ---- resume ------------------------------------------------------------------------------
+    def _resume_target(self):
+        from launcher.checkpoint import read_marker, resolve_resume
+
+        target = resolve_resume(self.resume, self.ckpt_dir)
+        if target is None:
+            return None
+        ckpt_dir, tag = target
+        marker = read_marker(ckpt_dir, tag)
+        if marker["global_batch"] != self.plan.global_batch:
+            raise TrainingAborted(
+                f"resume: {ckpt_dir / tag} was trained with a global batch of {marker['global_batch']} but this plan "
+                f"has {self.plan.global_batch}; continue it with --global_batch {marker['global_batch']} "
+                "(the data cursor and LR schedule count in that unit)"
+            )
+        return ckpt_dir, tag, marker
+
+    def _load(self, target) -> None:
+        import torch.distributed as dist
+
+        from launcher.checkpoint import ensure_universal, restore_rng
+
+        ckpt_dir, tag, marker = target
+        load_dir = ckpt_dir
+        if self.load_universal:
+            if self.env.rank == 0:
+                ensure_universal(ckpt_dir, tag, marker["zero_stage"])
+            dist.barrier()
+            load_dir = ckpt_dir / f"{tag}_universal"
+        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise TrainingAborted(f"resume: DeepSpeed could not load {load_dir / tag}")
+        state = marker["state"]
+        self.sampler.load_state_dict(state["sampler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.counters.update(state["counters"])
+        self.best_tag = state.get("best_tag")
+        same_world = marker["world_size"] == self.env.world_size
+        rng_restored = same_world and restore_rng(ckpt_dir, tag, self.env.rank)
+        self.metrics.print(
+            f"[resume] {ckpt_dir / tag}: step {self.engine.global_steps}, epoch {self.sampler.epoch + 1}, "
+            f"{self.sampler.cursor} samples into the epoch"
+            + ("" if same_world else f"; world {marker['world_size']} → {self.env.world_size} via universal checkpoint")
+            + ("" if rng_restored else "; fresh RNG streams")
+        )
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        import torch
+        import torch.distributed as dist
+
+        from launcher.metrics import Metrics, NullMetrics
+        from launcher.preempt import PREEMPTED_EXIT, Preemption
+        from launcher.schedule import LRSchedule
+        from model import compute_features, mask_loss
+
+        self._init_distributed()
+        rank0 = self.env.rank == 0
+        self.metrics = Metrics(self.run_dir, self.cfg.train.max_epoch, self.cfg.train.progress_bar) if rank0 else NullMetrics()
+        self._record_run()
+        preempt = Preemption()
+        target = self._resume_target()
+        self.load_universal = bool(
+            target and target[2]["world_size"] != self.env.world_size and target[2]["zero_stage"] > 0
+        )
+        self._build_data()
+        self._build_engine(self.load_universal)
+        plan, tcfg, scfg = self.plan, self.cfg.train, self.cfg.schedule
+        steps_per_epoch = self.sampler.samples_per_epoch // plan.global_batch
+        total_steps = tcfg.max_steps or steps_per_epoch * tcfg.max_epoch
+        self.schedule = LRSchedule(
+            peak_lr=plan.peak_lr, warmup_steps=plan.warmup_steps, kind=scfg.kind, total_steps=total_steps,
+            min_lr_ratio=scfg.min_lr_ratio, halve_after=scfg.halve_after, stop_after=scfg.stop_after, factor=scfg.factor,
+        )
+        self.counters = {"skipped_steps": 0, "consecutive_bad": 0, "samples_seen": 0}
+        self.best_tag = None
+        if target is not None:
+            self._load(target)
+        engine = self.engine
+        world, micro, accum = self.env.world_size, plan.micro_batch, plan.accumulation_steps
+        segment_s = self.cfg.data.segment_seconds
+
+        exit_code, stop = 0, False
+        while self.sampler.epoch < tcfg.max_epoch and not stop:
+            epoch = self.sampler.epoch
+            total_micro = self.sampler.batches_per_epoch
+            self.metrics.start_epoch(epoch, total_micro, self.sampler.cursor // (micro * world))
+            window_loss, window_bad, interval = 0.0, False, {"t": time.perf_counter(), "wait": 0.0, "micro": 0}
+            t_ready = time.perf_counter()
+            engine.train()
+            for noisy, clean in self.train_loader:
+                interval["wait"] += time.perf_counter() - t_ready
+                noisy = noisy.to(self.device, non_blocking=True)
+                clean = clean.to(self.device, non_blocking=True)
+                feats = compute_features(noisy, dither=1.0).to(self.input_dtype)
+                mask = engine(feats)
+                loss = mask_loss(mask, noisy, clean)
+                # One small all-reduce per micro-batch: the loss for logging, whether any rank saw a
+                # non-finite loss (then every rank skips it alike), and whether any rank was asked to stop.
+                finite = torch.isfinite(loss)
+                flags = torch.stack([torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
+                                     (~finite).float(), torch.tensor(float(preempt.requested), device=loss.device)])
+                dist.all_reduce(flags)
+                loss_sum, bad, stop_votes = flags.tolist()
+                if bad:
+                    # Backpropagating through a NaN graph poisons every rank's gradients, so all ranks
+                    # replace this micro-batch by an exactly-zero contribution from a clean forward.
+                    loss = engine(torch.zeros_like(feats)).float().sum() * 0.0
+                    window_bad = True
+                engine.backward(loss)
+                boundary = engine.is_gradient_accumulation_boundary()
+                if boundary:
+                    # A window with a skipped micro-batch is skipped whole: LR 0 leaves the weights as they were.
+                    lr = 0.0 if window_bad else self.schedule.lr(engine.global_steps)
+                    for group in engine.optimizer.param_groups:
+                        group["lr"] = lr
+                engine.step()
+                self.sampler.advance(1)
+                window_loss += loss_sum / world
+                interval["micro"] += 1
+                self.metrics.micro(None, 0.0, 0.0)
+                if not boundary:
+                    t_ready = time.perf_counter()
+                    continue
+                # ---- an optimizer step just finished ----
+                step = engine.global_steps
+                self.counters["samples_seen"] += plan.global_batch
+                if window_bad:
+                    self.counters["skipped_steps"] += 1
+                    self.counters["consecutive_bad"] += 1
+                    self.metrics.print(f"[nonfinite] step {step}: non-finite loss on some rank; step skipped "
+                                       f"({self.counters['consecutive_bad']} in a row)")
+                    if self.counters["consecutive_bad"] >= tcfg.max_consecutive_nonfinite:
+                        raise TrainingAborted(
+                            f"{self.counters['consecutive_bad']} consecutive optimizer steps had a non-finite loss "
+                            f"(step {step}, epoch {epoch + 1}); lower the LR (now {plan.peak_lr:g} peak), check the data "
+                            "for silent/corrupt files, or use fp32"
+                        )
+                else:
+                    self.counters["consecutive_bad"] = 0
+                if step % tcfg.log_interval_steps == 0 or step == 1:
+                    self._log_train(epoch, step, window_loss / accum, lr, interval, micro, world, segment_s)
+                    interval = {"t": time.perf_counter(), "wait": 0.0, "micro": 0}
+                window_loss, window_bad = 0.0, False
+                if tcfg.valid_interval_steps and step % tcfg.valid_interval_steps == 0:
+                    self._validate(epoch, step)
+                    engine.train()
+                done = tcfg.max_steps is not None and step >= tcfg.max_steps
+                if stop_votes or done or (tcfg.save_interval_steps and step % tcfg.save_interval_steps == 0):
+                    self._save()
+                if stop_votes:
+                    self.metrics.print(f"[preempt] checkpoint saved at step {step}; exiting for requeue")
+                    exit_code, stop = PREEMPTED_EXIT, True
+                    break
+                if done:
+                    stop = True
+                    break
+                t_ready = time.perf_counter()
+            else:
+                # The epoch ran to its end: validate, apply the plateau rule, checkpoint the next epoch's start.
+                self.sampler.set_epoch(epoch + 1)
+                action = "continue"
+                if self.valid_loader is not None:
+                    val_loss = self._validate(epoch, engine.global_steps)
+                    action = self.schedule.end_epoch(val_loss)
+                tag = self._save(best=action == "improved")
+                if action == "halve" and self.best_tag:
+                    self._reload_best()
+                if action == "stop":
+                    self.metrics.print(f"[schedule] {scfg.stop_after} epochs without improvement: stopping")
+                    stop = True
+                del tag
+        if exit_code == 0 and not (self.ckpt_dir / f"step{engine.global_steps:08d}").exists():
+            self._save()
+        self.metrics.log({"kind": "end", "step": engine.global_steps, "micro_steps": engine.micro_steps,
+                          "samples_seen": self.counters["samples_seen"], "skipped_steps": self.counters["skipped_steps"],
+                          "exit_code": exit_code, "param_fingerprints": self._fingerprints()})
+        self.metrics.close()
+        dist.barrier()
+        return exit_code
+
+    def _fingerprints(self) -> list[list[float]]:
+        """(sum, sum of squares) of every rank's full parameters: equal lists mean the ranks agree."""
+        import deepspeed
+        import torch
+        import torch.distributed as dist
+
+        params = list(self.engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.zero_stage == 3):
+            local = torch.tensor([sum(p.detach().double().sum().item() for p in params),
+                                  sum(p.detach().double().pow(2).sum().item() for p in params)], dtype=torch.float64, device=self.device)
+        gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, local)
+        return [g.cpu().tolist() for g in gathered]
+
+    def _log_train(self, epoch, step, loss, lr, interval, micro, world, segment_s) -> None:
+        elapsed = max(1e-9, time.perf_counter() - interval["t"])
+        n = max(1, interval["micro"])
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        spb = self.metrics.seconds_per_batch() if hasattr(self.metrics, "seconds_per_batch") else elapsed / n
+        record = {
+            "kind": "train", "epoch": epoch + 1, "step": step, "samples_seen": self.counters["samples_seen"],
+            "loss": loss, "lr": lr, "grad_norm": grad_norm, "s_per_batch": spb,
+            "samples_per_s": n * micro * world / elapsed,
+            "audio_s_per_s_per_gpu": n * micro * segment_s / elapsed,
+            "data_wait_share": interval["wait"] / elapsed, "skipped_steps": self.counters["skipped_steps"],
+        }
+        i = self.sampler.cursor // (micro * world)
+        line = (f"Train Epoch: {epoch + 1}/{self.cfg.train.max_epoch} Step: {i}/{self.sampler.batches_per_epoch} | "
+                f"{spb:.3f}s/batch | lr {lr:.4e} || Mask_Loss {loss:.4f}")
+        self.metrics.log(record, line)
+
+    def _validate(self, epoch: int, step: int) -> float:
+        """Mean mask loss and SI-SNR of the enhanced signal over the whole validation set, all ranks."""
+        import torch
+        import torch.distributed as dist
+
+        from model import apply_mask, compute_features, mask_loss, si_snr
+
+        if self.valid_loader is None:
+            return float("nan")
+        engine = self.engine
+        engine.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for noisy, clean, weight in self.valid_loader:  # weight 0 marks EvalSampler's padding
+                noisy, clean, weight = (t.to(self.device) for t in (noisy, clean, weight))
+                feats = compute_features(noisy, dither=0.0).to(self.input_dtype)
+                mask = engine(feats).float()
+                per_sample = torch.stack([mask_loss(mask[i:i + 1], noisy[i:i + 1], clean[i:i + 1])
+                                          for i in range(mask.shape[0])])
+                enhanced = apply_mask(mask, noisy)
+                n = min(enhanced.shape[-1], clean.shape[-1])
+                snr = si_snr(enhanced[..., :n], clean[..., :n])
+                sums += torch.stack([(per_sample * weight).sum(), (snr * weight).sum(), weight.sum()]).double()
+        dist.all_reduce(sums)
+        val_loss, val_snr = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        self.metrics.log({"kind": "valid", "epoch": epoch + 1, "step": step,
+                          "samples_seen": self.counters["samples_seen"], "loss": val_loss, "si_snr_db": val_snr},
+                         f"Valid Epoch: {epoch + 1}/{self.cfg.train.max_epoch} Step: {step} | "
+                         f"Mask_Loss {val_loss:.4f} | SI-SNR {val_snr:.2f} dB")
+        return val_loss
+
+    def _save(self, best: bool = False) -> str:
+        import time as _time
+
+        from launcher.checkpoint import save, tag_for
+
+        tag = tag_for(self.engine.global_steps)
+        if best:
+            self.best_tag = tag
+        state = {"sampler": self.sampler.state_dict(), "schedule": self.schedule.state_dict(),
+                 "counters": dict(self.counters), "best_tag": self.best_tag}
+        marker = {"step": self.engine.global_steps, "epoch": self.sampler.epoch, "world_size": self.env.world_size,
+                  "zero_stage": self.zero_stage, "global_batch": self.plan.global_batch,
+                  "preset": self.cfg.model.preset, "plan": self.plan.to_dict(), "state": state, "time": _time.time()}
+        protect = {self.best_tag} if self.best_tag else set()
+        save(self.engine, self.ckpt_dir, {}, marker, self.cfg.train.keep_last, protect)
+        return tag
+
+    def _reload_best(self) -> None:
+        """The reference halves the LR after reloading the best weights and optimizer state."""
+        engine = self.engine
+        counters = (engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)
+        engine.load_checkpoint(str(self.ckpt_dir), tag=self.best_tag, load_optimizer_states=True,
+                               load_lr_scheduler_states=False)
+        engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps = counters
+        self.metrics.print(f"[schedule] reloaded best checkpoint {self.best_tag}; LR scale now {self.schedule.scale:g}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

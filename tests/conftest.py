@@ -1,0 +1,54 @@
+"""Shared fixtures: the repo root, a demo corpus, free ports and a real `deepspeed` launch."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+# No GPU here: DeepSpeed's CPU accelerator with gloo, one thread per rank on two cores.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def demo_corpus(tmp_path_factory) -> dict:
+    """The demo corpus the README's demo trains on, written once per test session."""
+    from data.demo import make_demo_corpus
+
+    out = tmp_path_factory.mktemp("demo_corpus")
+    return {k: str(v) for k, v in make_demo_corpus(out).items()}
+
+
+def train_env(**extra: str) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("RANK", None)
+    return env
+
+
+def deepspeed_cmd(*train_args: str, nproc: int = 2, port: int | None = None) -> list[str]:
+    return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port or free_port()),
+            "launcher/train.py", *train_args]
+
+
+def run_deepspeed(*train_args: str, nproc: int = 2, timeout: float = 600, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(deepspeed_cmd(*train_args, nproc=nproc), cwd=ROOT, env=train_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

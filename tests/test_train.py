@@ -1,0 +1,210 @@
+"""The training entry point for real: `deepspeed launcher/train.py`, 2 CPU ranks, tiny preset.
+
+Each test launches DeepSpeed's own launcher in a subprocess, exactly as a user would, and checks
+what the run leaves behind: metrics.jsonl, the run record and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, deepspeed_cmd, read_jsonl, run_deepspeed, train_env
+
+pytestmark = pytest.mark.slow
+
+DEMO = "recipes/demo_cpu.yaml"
+
+
+def demo_args(corpus: dict, run_dir: Path, *extra: str, ds: str = "ds_configs/bs4.json") -> list[str]:
+    return ["--ds_config", ds, "--config", DEMO, "--run_dir", str(run_dir),
+            f"data.train_list={corpus['train_list']}", f"data.valid_list={corpus['valid_list']}",
+            "train.progress_bar=false", "data.num_workers=0", *extra]
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-6000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("kind") == kind]
+
+
+def exported(run_dir: Path, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "launcher.export", str(run_dir), str(out)], cwd=ROOT,
+                          env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return torch.load(out, weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_stages_train_with_falling_loss_and_ranks_in_sync(demo_corpus, tmp_path, stage):
+    run_dir = tmp_path / f"zero{stage}"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=16", "train.log_interval_steps=1",
+                                "data.valid_list=none", ds=f"ds_configs/bs4.json+ds_configs/zero{stage}.json")))
+    train = records(run_dir, "train")
+    losses = [r["loss"] for r in train]
+    assert len(losses) == 16 and all(map(lambda x: x == x and abs(x) < 1e6, losses))
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < first, f"loss did not fall: {losses}"
+    end = records(run_dir, "end")[-1]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    # 4 per rank × accumulation 2 × 2 ranks: every optimizer step consumed exactly `accum` micro-batches.
+    assert (plan["micro_batch"], plan["accumulation_steps"], plan["world_size"]) == (4, 2, 2)
+    assert end["step"] == 16 and end["micro_steps"] == 16 * plan["accumulation_steps"]
+    assert end["samples_seen"] == 16 * plan["global_batch"]
+    a, b = end["param_fingerprints"]
+    assert a == b, f"ranks disagree on the parameters: {a} vs {b}"
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["train_batch_size"] == 16
+
+
+def test_optimizer_steps_per_epoch_match_the_plan(demo_corpus, tmp_path):
+    run_dir = tmp_path / "epoch"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_epoch=1", "train.log_interval_steps=1")))
+    plan = json.loads((run_dir / "plan.json").read_text())
+    end = records(run_dir, "end")[-1]
+    assert plan["steps_per_epoch"] and end["step"] == plan["steps_per_epoch"]
+    assert end["micro_steps"] == plan["steps_per_epoch"] * plan["accumulation_steps"]
+    valid = records(run_dir, "valid")
+    assert len(valid) == 1 and valid[0]["loss"] == valid[0]["loss"] and "si_snr_db" in valid[0]
+    for name in ("config.yaml", "plan.json", "ds_config.json", "revision.txt"):
+        assert (run_dir / name).is_file()
+
+
+def test_reference_failure_is_refused_before_any_process_group(demo_corpus, tmp_path):
+    # The story: 12 per GPU with the recipe's effec_batch_size 8 never steps in the reference.
+    proc = run_deepspeed(*demo_args(demo_corpus, tmp_path / "r", ds="ds_configs/bs12.json"), timeout=120)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "8 is not a positive multiple of 12" in out
+    assert "Check batch related parameters" not in out  # never DeepSpeed's own assertion
+    assert "Initializing TorchBackend" not in out and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_dry_run_needs_no_process_group(demo_corpus):
+    code = ("import sys; from launcher.train import main; "
+            f"rc = main(['--dry_run', '--ds_config', 'ds_configs/bs4.json', '--config', '{DEMO}', "
+            f"'data.train_list={demo_corpus['train_list']}']); "
+            "import torch.distributed as d; assert not (d.is_available() and d.is_initialized()); "
+            "assert 'deepspeed' not in sys.modules, 'dry run imported deepspeed'; sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "4 × 2 × 2 = 16" in proc.stdout
+
+
+def test_resume_is_exact(demo_corpus, tmp_path):
+    common = ("train.log_interval_steps=1", "data.valid_list=none")
+    straight = tmp_path / "straight"
+    ok(run_deepspeed(*demo_args(demo_corpus, straight, "train.max_steps=6", *common)))
+    split = tmp_path / "split"
+    ok(run_deepspeed(*demo_args(demo_corpus, split, "train.max_steps=3", *common)))
+    proc = ok(run_deepspeed(*demo_args(demo_corpus, split, "train.max_steps=6", "--resume", "auto", *common)))
+    assert "[resume]" in proc.stdout and "step 3" in proc.stdout
+    a = exported(straight, tmp_path / "a.pt")
+    b = exported(split, tmp_path / "b.pt")
+    assert a.keys() == b.keys()
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()}
+    assert max(diffs.values()) == 0.0, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+    # The straight and resumed runs logged the same losses for the same steps.
+    la = {r["step"]: r["loss"] for r in records(straight, "train")}
+    lb = {r["step"]: r["loss"] for r in records(split, "train")}
+    assert la == lb
+
+
+def test_resume_on_fewer_ranks_keeps_global_batch_lr_and_cursor(demo_corpus, tmp_path):
+    run_dir = tmp_path / "shrink"
+    common = ("train.log_interval_steps=1", "data.valid_list=none")
+    ds = "ds_configs/bs4.json+ds_configs/zero2.json"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=3", *common, ds=ds)))
+    plan2 = json.loads((run_dir / "plan.json").read_text())
+    ckpt = run_dir / "checkpoints" / "step00000003"
+    before = json.loads((ckpt / "COMPLETE.json").read_text())
+    proc = ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=5", "--resume", "auto", *common, ds=ds),
+                            nproc=1))
+    plan1 = json.loads((run_dir / "plan.json").read_text())
+    assert plan1["world_size"] == 1 and plan2["world_size"] == 2
+    assert plan1["global_batch"] == plan2["global_batch"] and plan1["peak_lr"] == plan2["peak_lr"]
+    assert plan1["accumulation_steps"] == 2 * plan2["accumulation_steps"]
+    assert "universal" in proc.stdout
+    after = json.loads((run_dir / "checkpoints" / "step00000005" / "COMPLETE.json").read_text())
+    cursor_before = before["state"]["sampler"]["cursor"]
+    assert after["state"]["sampler"]["cursor"] == cursor_before + 2 * plan1["global_batch"] or \
+        after["state"]["sampler"]["epoch"] > before["state"]["sampler"]["epoch"]
+    steps = [r["step"] for r in records(run_dir, "train")]
+    assert steps[-2:] == [4, 5]
+
+
+def test_export_loads_into_a_plain_model(demo_corpus, tmp_path):
+    from model import build_model, load_reference_checkpoint
+
+    run_dir = tmp_path / "z3"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2", "data.valid_list=none",
+                                ds="ds_configs/bs4.json+ds_configs/zero3.json")))
+    state = exported(run_dir, tmp_path / "out.pt")
+    assert all(k.startswith("mossformer.") for k in state)
+    model = build_model("tiny")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_reference_checkpoint(model, tmp_path / "out.pt")
+    # ZeRO-3 must not silently load nothing: the trained weights differ from a fresh init.
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, fresh[k])]
+    assert changed
+
+
+def test_nonfinite_steps_are_skipped_then_abort(demo_corpus, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    # Float WAVs holding NaN pass header validation (as corrupt float files do in real corpora).
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    lines = []
+    for i in range(16):
+        x = np.full(48000, np.nan, dtype=np.float32)
+        sf.write(bad / f"n{i}.wav", x, 48000, subtype="FLOAT")
+        sf.write(bad / f"c{i}.wav", np.zeros(48000, np.float32), 48000, subtype="FLOAT")
+        lines.append(f"n{i}.wav c{i}.wav 1.0")
+    (bad / "train.lst").write_text("\n".join(lines) + "\n")
+    run_dir = tmp_path / "nan"
+    proc = run_deepspeed(*demo_args({"train_list": str(bad / "train.lst"), "valid_list": "none"}, run_dir,
+                                    "train.max_steps=20", "train.max_consecutive_nonfinite=3", "train.max_epoch=50"))
+    assert proc.returncode != 0
+    assert "3 consecutive optimizer steps had a non-finite loss" in proc.stdout + proc.stderr
+
+
+def test_a_killed_rank_ends_the_job_promptly(demo_corpus, tmp_path):
+    run_dir = tmp_path / "kill"
+    proc = subprocess.Popen(deepspeed_cmd(*demo_args(demo_corpus, run_dir, "train.max_steps=100000",
+                                                     "train.log_interval_steps=1", "data.valid_list=none")),
+                            cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run_dir / "metrics.jsonl").exists():
+            time.sleep(0.5)
+        while time.time() < deadline and not records(run_dir, "train"):
+            time.sleep(0.5)
+        assert records(run_dir, "train"), "training never started"
+        ranks = subprocess.run(["pgrep", "-f", f"launcher/train.py.*--local_rank=1.*{run_dir}"],
+                               capture_output=True, text=True).stdout.split()
+        if not ranks:
+            ranks = subprocess.run(["pgrep", "-f", f"launcher/train.py --local_rank=1"], capture_output=True,
+                                   text=True).stdout.split()
+        assert ranks, "rank 1 not found"
+        killed_at = time.time()
+        os.kill(int(ranks[0]), signal.SIGKILL)
+        rc = proc.wait(timeout=60)
+        assert rc != 0 and time.time() - killed_at < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
