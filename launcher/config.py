@@ -219,22 +219,32 @@ def _replace_accumulation_way(raw: dict[str, dict[str, Any]], layer: dict[str, A
             raw.setdefault("batch", {})[key] = None
 
 
+def _read_recipe(path: Path, raw: dict[str, dict[str, Any]], chain: tuple[Path, ...] = ()) -> None:
+    """Merge a YAML recipe into `raw`, after the recipe it `extends` (a path relative to it), if any."""
+    if path.resolve() in chain:
+        raise ConfigError(f"{path}: 'extends' cycle: {' → '.join(str(p) for p in (*chain, path))}")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if isinstance(loaded, dict) and "extends" in loaded:
+        parent = loaded.pop("extends")
+        _read_recipe(path.parent / str(parent), raw, (*chain, path.resolve()))
+    _replace_accumulation_way(raw, loaded)
+    _merge(raw, loaded, str(path))
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Defaults < YAML at `path` < `overrides` (each `section.key=value`)."""
+    """Defaults < YAML at `path` (after the recipe it `extends`) < `overrides` (each `section.key=value`)."""
     raw: dict[str, dict[str, Any]] = {}
     where = "defaults"
     if path is not None:
         where = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read recipe: {e.strerror}") from None
-        try:
-            loaded = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        _replace_accumulation_way(raw, loaded)
-        _merge(raw, loaded, where)
+        _read_recipe(Path(path), raw)
     layer: dict[str, dict[str, Any]] = {}
     for text in overrides:
         section, key, value = parse_override(text)

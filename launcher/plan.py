@@ -353,8 +353,9 @@ def _effec_error(req: PlanRequest, level: str, effec: int, world: int) -> PlanEr
     lines = [
         f"effec_batch_size {effec} is not a positive multiple of batch_size {b} "
         f"({level}: accu_grad 1, effec_batch_size {effec}; batch_size {b}).",
-        f"Rule: with accu_grad 1 each GPU accumulates effec_batch_size / batch_size micro-batches per "
-        f"optimizer update, which must be a whole number; {effec}/{b} = {ratio:.3g} is not "
+        f"Rule: effec_batch_size must be a positive multiple of batch_size, and {effec} is not a positive "
+        f"multiple of {b}: with accu_grad 1 each GPU accumulates effec_batch_size / batch_size micro-batches "
+        f"per optimizer update, which must be a whole number; {effec}/{b} = {ratio:.3g} is not "
         f"(the reference then never steps the optimizer).",
         "Valid choices:",
     ]

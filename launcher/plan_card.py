@@ -11,6 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from launcher.ds_config import precision, zero_stage
+from launcher.memory import MemoryEstimate, fmt_bytes
 from launcher.plan import Plan, format_lr
 
 
@@ -23,8 +24,40 @@ def _seconds(s: float) -> str:
     return text
 
 
+def memory_rows(est: MemoryEstimate) -> Table:
+    """The per-GPU memory estimate (launcher/memory.py) as card rows."""
+    rows = Table.grid(padding=(0, 2))
+    rows.add_column(style="cyan", no_wrap=True)
+    rows.add_column()
+    s = est.states
+    shared = f" (N = {est.world_size})" if "/N" in s.params_formula + s.grads_formula + s.optimizer_formula else ""
+    rows.add_row("memory per GPU", f"ZeRO {est.stage}, {est.precision}, Ψ = {est.num_params:,} ({est.preset})"
+                                   f"{shared}")
+    persist = (f" (Ψₚ = {est.persistent_params:,} in small tensors stay whole)" if est.persistent_params else "")
+    rows.add_row("  parameters", f"{s.params_formula} = {fmt_bytes(s.params)}{persist}")
+    rows.add_row("  gradients", f"{s.grads_formula} = {fmt_bytes(s.grads)}")
+    master = not (est.stage == 0 and est.precision == "fp32")  # see launcher/memory.py
+    rows.add_row("  optimizer states", f"{s.optimizer_formula} = {fmt_bytes(s.optimizer)} (Adam moments"
+                                       f"{' + fp32 master weights' if master else ''})")
+    if est.stage:
+        rows.add_row("  reduce buckets", f"{fmt_bytes(est.buffers)} (reduce_bucket_size × element size"
+                                         f"{'; held for the run' if est.stage == 3 else '; during backward'})")
+    if est.activations is None:
+        rows.add_row("  activations", f"not measured for preset {est.preset}")
+        rows.add_row("  total", f"{fmt_bytes(est.total_without_activations)} + activations")
+    else:
+        rows.add_row("  activations", f"{est.micro_batch} × {est.segment_seconds:g} s × "
+                                      f"{fmt_bytes(est.activations_per_sample_second)}/sample-s "
+                                      f"= {fmt_bytes(est.activations)} (measured)")
+        rows.add_row("  total", f"{fmt_bytes(est.total)} (not counted: CUDA context, fragmentation, "
+                                f"backward transients)")
+    for note in est.notes:
+        rows.add_row("  note", note)
+    return rows
+
+
 def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
-         recipe: str | None = None) -> Panel:
+         recipe: str | None = None, memory: MemoryEstimate | None = None) -> Panel:
     nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''} × {plan.gpus_per_node} GPUs"
     head = Text(plan.headline, style="bold")
     legend = Text(f"per-GPU micro-batch × accumulation × world ({nodes}) = global batch", style="dim")
@@ -65,10 +98,12 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
         rows.add_row("recipe", recipe)
     for note in plan.notes:
         rows.add_row("note", note)
-    return Panel(Group(head, legend, Text(""), rows), title="MossFormer2 training plan", title_align="left",
-                 expand=False)
+    parts = [head, legend, Text(""), rows]
+    if memory is not None:
+        parts += [Text(""), memory_rows(memory)]
+    return Panel(Group(*parts), title="MossFormer2 training plan", title_align="left", expand=False)
 
 
 def print_card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
-               recipe: str | None = None, file: IO[str] | None = None) -> None:
-    Console(file=file, highlight=False, soft_wrap=False).print(card(plan, ds_spec, ds_config, recipe))
+               recipe: str | None = None, file: IO[str] | None = None, memory: MemoryEstimate | None = None) -> None:
+    Console(file=file, highlight=False, soft_wrap=False).print(card(plan, ds_spec, ds_config, recipe, memory))

@@ -7,6 +7,7 @@ save one checkpoint together and exit with PREEMPTED_EXIT; the SLURM script then
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -18,10 +19,15 @@ class Preemption:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGUSR1, signal.SIGTERM)) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        # srun delivers a signal to every process of the step, so forked DataLoader workers, which
+        # inherit this handler, get it too; only the rank that installed it acts and reports.
+        self._pid = os.getpid()
         for sig in signals:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
         if not self.requested:
             self.signal_name = signal.Signals(signum).name
             print(f"[preempt] {self.signal_name} received: checkpoint at the next optimizer step", file=sys.stderr,

@@ -19,14 +19,13 @@ if sys.path and Path(sys.path[0]).resolve() == _HERE:
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import os  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
-from launcher.config import Config, ConfigError, config_to_dict, dump_yaml, load_config, replace_section  # noqa: E402
+from launcher.config import Config, ConfigError, dump_yaml, load_config, replace_section  # noqa: E402
 from launcher.dist_env import DistEnv, EnvError, read_dist_env  # noqa: E402
 from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan  # noqa: E402
 from launcher.plan import Plan, PlanError  # noqa: E402
@@ -51,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     add_plan_arguments(p)
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="override any recipe key")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before and after options
 
 
 def resolve(args: argparse.Namespace, env: DistEnv) -> tuple[Config, Plan, dict, int | None]:
@@ -99,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         # DeepSpeed would fall back to MPI discovery and fail obscurely without a launcher.
         env = DistEnv(0, 0, 1, 1, 1, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29500")), "single")
         os.environ.update(env.export())
+    elif env.source == "slurm":
+        # (issue 6, slurm) srun sets only SLURM_*: hand torch.distributed the env:// variables, else
+        # deepspeed.init_distributed falls back to MPI discovery and dies without mpi4py.
+        if not env.master_addr or not env.master_port:
+            print("error: under srun, export MASTER_ADDR (the first host of the job) and MASTER_PORT "
+                  "before launching (slurm/train_48k.sbatch does)", file=sys.stderr)
+            return 2
+        os.environ.update(env.export())
     try:
         return Trainer(cfg, plan, ds_config, env, args.resume).run()
     except (PreflightError, TrainingAborted) as e:
@@ -122,9 +129,16 @@ class Trainer:
 
         from launcher.preflight import check_rendezvous
 
-        check_run_dir(self.run_dir, create=self.env.rank == 0) if self.env.rank == 0 else None
-        check_head_reachable(self.env, RENDEZVOUS_TIMEOUT_S)
+        if self.env.rank == 0:
+            check_run_dir(self.run_dir, create=True)
         accel = get_accelerator()
+        if accel.device_name() == "cpu":
+            # DeepSpeed JIT-compiles its CPU comm op before it opens the rendezvous (~50 s the first
+            # time, cached after): build it first so that the bounded wait below measures the network only.
+            from deepspeed.comm.torch import build_shm_op
+
+            build_shm_op()
+        check_head_reachable(self.env, RENDEZVOUS_TIMEOUT_S)
         backend = accel.communication_backend_name()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         check_rendezvous(RENDEZVOUS_TIMEOUT_S)
@@ -307,7 +321,7 @@ class Trainer:
         if target is not None:
             self._load(target)
         engine = self.engine
-        world, micro, accum = self.env.world_size, plan.micro_batch, plan.accumulation_steps
+        world, micro = self.env.world_size, plan.micro_batch
         segment_s = self.cfg.data.segment_seconds
 
         exit_code, stop = 0, False
@@ -315,7 +329,7 @@ class Trainer:
             epoch = self.sampler.epoch
             total_micro = self.sampler.batches_per_epoch
             self.metrics.start_epoch(epoch, total_micro, self.sampler.cursor // (micro * world))
-            window_loss, window_bad, interval = 0.0, False, {"t": time.perf_counter(), "wait": 0.0, "micro": 0}
+            window_bad, interval = False, self._new_interval()
             t_ready = time.perf_counter()
             engine.train()
             for noisy, clean in self.train_loader:
@@ -346,8 +360,10 @@ class Trainer:
                         group["lr"] = lr
                 engine.step()
                 self.sampler.advance(1)
-                window_loss += loss_sum / world
                 interval["micro"] += 1
+                if not bad:
+                    interval["loss_sum"] += loss_sum / world
+                    interval["loss_n"] += 1
                 self.metrics.micro(None, 0.0, 0.0)
                 if not boundary:
                     t_ready = time.perf_counter()
@@ -369,9 +385,9 @@ class Trainer:
                 else:
                     self.counters["consecutive_bad"] = 0
                 if step % tcfg.log_interval_steps == 0 or step == 1:
-                    self._log_train(epoch, step, window_loss / accum, lr, interval, micro, world, segment_s)
-                    interval = {"t": time.perf_counter(), "wait": 0.0, "micro": 0}
-                window_loss, window_bad = 0.0, False
+                    self._log_train(epoch, step, lr, interval, micro, world, segment_s)
+                    interval = self._new_interval()
+                window_bad = False
                 if tcfg.valid_interval_steps and step % tcfg.valid_interval_steps == 0:
                     self._validate(epoch, step)
                     engine.train()
@@ -393,18 +409,18 @@ class Trainer:
                 if self.valid_loader is not None:
                     val_loss = self._validate(epoch, engine.global_steps)
                     action = self.schedule.end_epoch(val_loss)
-                tag = self._save(best=action == "improved")
+                self._save(best=action == "improved")
                 if action == "halve" and self.best_tag:
                     self._reload_best()
                 if action == "stop":
                     self.metrics.print(f"[schedule] {scfg.stop_after} epochs without improvement: stopping")
                     stop = True
-                del tag
         if exit_code == 0 and not (self.ckpt_dir / f"step{engine.global_steps:08d}").exists():
             self._save()
+        fingerprints = self._fingerprints()  # a collective: every rank takes part
         self.metrics.log({"kind": "end", "step": engine.global_steps, "micro_steps": engine.micro_steps,
                           "samples_seen": self.counters["samples_seen"], "skipped_steps": self.counters["skipped_steps"],
-                          "exit_code": exit_code, "param_fingerprints": self._fingerprints()})
+                          "exit_code": exit_code, "param_fingerprints": fingerprints})
         self.metrics.close()
         dist.barrier()
         return exit_code
@@ -423,7 +439,13 @@ class Trainer:
         dist.all_gather(gathered, local)
         return [g.cpu().tolist() for g in gathered]
 
-    def _log_train(self, epoch, step, loss, lr, interval, micro, world, segment_s) -> None:
+    @staticmethod
+    def _new_interval() -> dict:
+        """Counters between two log lines: the logged loss is the mean over all of its micro-batches."""
+        return {"t": time.perf_counter(), "wait": 0.0, "micro": 0, "loss_sum": 0.0, "loss_n": 0}
+
+    def _log_train(self, epoch, step, lr, interval, micro, world, segment_s) -> None:
+        loss = interval["loss_sum"] / interval["loss_n"] if interval["loss_n"] else float("nan")
         elapsed = max(1e-9, time.perf_counter() - interval["t"])
         n = max(1, interval["micro"])
         grad_norm = self.engine.get_global_grad_norm()
@@ -452,7 +474,7 @@ class Trainer:
             return float("nan")
         engine = self.engine
         engine.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         with torch.no_grad():
             for noisy, clean, weight in self.valid_loader:  # weight 0 marks EvalSampler's padding
                 noisy, clean, weight = (t.to(self.device) for t in (noisy, clean, weight))
@@ -463,13 +485,16 @@ class Trainer:
                 enhanced = apply_mask(mask, noisy)
                 n = min(enhanced.shape[-1], clean.shape[-1])
                 snr = si_snr(enhanced[..., :n], clean[..., :n])
-                sums += torch.stack([(per_sample * weight).sum(), (snr * weight).sum(), weight.sum()]).double()
+                snr_in = si_snr(noisy[..., :n], clean[..., :n])
+                sums += torch.stack([(per_sample * weight).sum(), (snr * weight).sum(), (snr_in * weight).sum(),
+                                     weight.sum()]).double()
         dist.all_reduce(sums)
-        val_loss, val_snr = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        val_loss, val_snr, in_snr = (sums[:3] / sums[3]).tolist()
         self.metrics.log({"kind": "valid", "epoch": epoch + 1, "step": step,
-                          "samples_seen": self.counters["samples_seen"], "loss": val_loss, "si_snr_db": val_snr},
+                          "samples_seen": self.counters["samples_seen"], "loss": val_loss, "si_snr_db": val_snr,
+                          "si_snr_improvement_db": val_snr - in_snr},
                          f"Valid Epoch: {epoch + 1}/{self.cfg.train.max_epoch} Step: {step} | "
-                         f"Mask_Loss {val_loss:.4f} | SI-SNR {val_snr:.2f} dB")
+                         f"Mask_Loss {val_loss:.4f} | SI-SNR {val_snr:.2f} dB ({val_snr - in_snr:+.2f} dB over noisy)")
         return val_loss
 
     def _save(self, best: bool = False) -> str:

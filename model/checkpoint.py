@@ -14,12 +14,12 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from .config import MossFormer2Config
+from .config import PRESETS, MossFormer2Config
 
 CONFIG_KEY = "mossformer2_config"
 _KEY_PREFIX = "mossformer."
 _DDP_PREFIX = "module."
-_SHOW = 12  # keys listed per kind of mismatch
+_SHOW = 5  # keys listed per kind of mismatch
 
 
 class CheckpointError(ValueError):
@@ -66,22 +66,33 @@ def _mismatch_report(model: nn.Module, state: Mapping[str, Tensor]) -> list[str]
     expected = model.state_dict()
     missing = [key for key in expected if key not in state]
     unexpected = [key for key in state if key not in expected]
-    shapes = [f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+    shapes = [f"{key} is {tuple(state[key].shape)} in the checkpoint, {tuple(expected[key].shape)} in the model"
               for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
-    lines = []
+    report = []
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
             more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-            lines.append(f"{len(items)} {title}{more}: " + ", ".join(items[:_SHOW]))
-    return lines
+            report.append(f"{len(items)} {title}: " + ", ".join(items[:_SHOW]) + more)
+    return report
+
+
+def _describe(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if not isinstance(config, MossFormer2Config):
+        return type(model).__name__
+    for name, preset in PRESETS.items():
+        if preset == config:
+            return f"preset {name!r}"
+    default = MossFormer2Config()
+    return "config " + ", ".join(f"{k}={v}" for k, v in config.to_dict().items() if getattr(default, k) != v)
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """``model.load_state_dict(state, strict=True)`` with an error that lists every kind of mismatch."""
+    """``model.load_state_dict(state, strict=True)``; a mismatch raises CheckpointError listing the missing
+    and unexpected keys and the shape mismatches (one line)."""
     problems = _mismatch_report(model, state)
     if problems:
-        raise CheckpointError(f"{source} does not fit the model ({type(model).__name__}, "
-                              f"{getattr(model, 'config', 'unknown config')}):\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{source} does not fit the model ({_describe(model)}): " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
 
 

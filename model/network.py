@@ -22,8 +22,7 @@ from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
-from rotary_embedding_torch import RotaryEmbedding
-from rotary_embedding_torch.rotary_embedding_torch import apply_rotary_emb
+from rotary_embedding_torch import RotaryEmbedding, apply_rotary_emb
 from torch import Tensor, nn
 
 from .config import DEFAULT_PRESET, MossFormer2Config, resolve_config
@@ -199,8 +198,7 @@ class GatedAttentionUnit(nn.Module):
                                       cfg.conv_kernel_frames, cfg.dropout)
 
     def forward(self, x: Tensor, rotary_angles: Tensor) -> Tensor:
-        batch, frames, dim = x.shape
-        half = dim // 2
+        half = x.shape[-1] // 2
         # Token shift: the first half of the channels comes from the previous frame.
         shifted = torch.cat((F.pad(x[:, :-1, :half], (0, 0, 1, 0)), x[:, :, half:]), dim=-1)
         # to_hidden and to_qk normalise the same input; only their gains differ.

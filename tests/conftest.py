@@ -31,7 +31,8 @@ def demo_corpus(tmp_path_factory) -> dict:
     from data.demo import make_demo_corpus
 
     out = tmp_path_factory.mktemp("demo_corpus")
-    return {k: str(v) for k, v in make_demo_corpus(out).items()}
+    made = make_demo_corpus(out)
+    return {"train_list": str(made["train"]), "valid_list": str(made["valid"]), "dir": str(made["dir"])}
 
 
 def train_env(**extra: str) -> dict:

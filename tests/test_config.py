@@ -87,3 +87,15 @@ def test_a_layer_naming_an_accumulation_way_replaces_the_way_below(tmp_path):
     # Other batch keys leave the way alone.
     cfg = load_config(None, ["batch.batch_size=2"])
     assert (cfg.batch.accu_grad, cfg.batch.effec_batch_size) == (1, 8)
+
+
+def test_recipes_extend_other_recipes(tmp_path):
+    (tmp_path / "base.yaml").write_text("batch:\n  batch_size: 2\n  effec_batch_size: 4\ntrain:\n  seed: 1\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nbatch:\n  global_batch: 24\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.batch.batch_size == 2 and cfg.train.seed == 1
+    assert cfg.batch.global_batch == 24 and cfg.batch.effec_batch_size is None  # the child's way replaces
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")

@@ -1,0 +1,392 @@
+"""Launcher overhead: samples/s of our training loop against a minimal DeepSpeed loop and plain PyTorch DDP.
+
+    .venv/bin/python -m data.demo runs/demo_corpus        # once
+    .venv/bin/python bench/bench_overhead.py [--rounds 3] [--steps 40] [--warmup 8] [--profile] \\
+        [--out bench/results/overhead.json]
+
+Three 2-rank CPU runs (DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1), all on the tiny preset, micro-batch 4,
+accumulation 2, fp32, Adam, 1 s crops of the demo corpus, features computed inside the step:
+
+- ours:    `deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/bs4.json --config
+           recipes/demo_cpu.yaml train.max_steps=N train.log_interval_steps=1 data.valid_list=none
+           train.progress_bar=false` (ZeRO 0: the preset names no stage); per-step throughput from the
+           timestamps of its metrics.jsonl (wall time between consecutive optimizer steps, so logging, data
+           loading and everything else the loop does is inside), and its own samples_per_s alongside;
+- ds_loop: the same engine settings (the rendered bs4.json preset) in a hand-written loop of
+           engine(features) → mask_loss → engine.backward → engine.step, under the same `deepspeed`
+           launcher, with the demo corpus decoded and normalised into memory first and random crops cut
+           from it (no DataLoader);
+- ddp:     `torchrun`, DistributedDataParallel, torch.optim.Adam (same betas/eps/lr), gradient clipping
+           at 10 like the preset, accumulation with no_sync, the same in-memory crops.
+
+Contenders run alternately, round after round (the order rotates each round). In each run the first
+--warmup optimizer steps are dropped; a run's throughput is the median over its remaining steps (steps that
+cross an epoch boundary of ours, where it checkpoints, are dropped too and counted separately); the
+result per contender is the median over rounds, and the ratios are computed per round (side by side) and
+their median is reported.
+
+--profile adds the variants that locate ours' overhead: ours with data.num_workers=0 (the loader in the
+training process) and the minimal loop with (a) the per-micro-batch all-reduce of loss/non-finite/stop
+flags that launcher/train.py does, (b) our DataLoader (CropDataset + CursorSampler + build_loader with the
+demo recipe's settings) instead of in-memory crops.
+
+Worker mode (what the launchers start): `bench_overhead.py --worker ds|ddp --steps N --result FILE`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+BIN = Path(sys.executable).parent
+PRESET = "tiny"
+MICRO, ACCUM = 4, 2
+SEGMENT_SECONDS = 1.0
+RATE = 48000
+DS_SPEC = "ds_configs/bs4.json"
+RECIPE = "recipes/demo_cpu.yaml"
+TRAIN_LIST = "runs/demo_corpus/train.lst"
+LR = 2e-3  # the demo recipe's peak LR at its global batch of 16 (speed does not depend on it)
+
+
+# ---- workers -------------------------------------------------------------------------------------
+
+class InMemoryCrops:
+    """The demo corpus decoded and normalised once; random same-window crops of noisy and clean."""
+
+    def __init__(self, list_path: str, segment_seconds: float, seed: int) -> None:
+        import numpy as np
+        import soundfile as sf
+
+        from data.audio import normalize_level
+
+        base = Path(list_path).parent
+        self.pairs = []
+        for line in Path(list_path).read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            noisy_path, clean_path = line.split()[:2]
+            noisy = sf.read(base / noisy_path, dtype="float32", always_2d=True)[0][:, 0]
+            clean = sf.read(base / clean_path, dtype="float32", always_2d=True)[0][:, 0]
+            n = min(noisy.size, clean.size)
+            self.pairs.append((normalize_level(noisy[:n]), normalize_level(clean[:n])))
+        self.length = int(round(segment_seconds * RATE))
+        self.rng = np.random.default_rng(seed)
+        self.np = np
+
+    def batch(self, size: int):
+        import torch
+
+        np, L = self.np, self.length
+        noisy, clean = np.zeros((size, L), np.float32), np.zeros((size, L), np.float32)
+        for row, i in enumerate(self.rng.integers(0, len(self.pairs), size)):
+            a, b = self.pairs[i]
+            start = int(self.rng.integers(0, a.size - L + 1)) if a.size > L else 0
+            w = min(L, a.size - start)
+            noisy[row, :w], clean[row, :w] = a[start:start + w], b[start:start + w]
+        return torch.from_numpy(noisy), torch.from_numpy(clean)
+
+
+class OurLoader:
+    """The training path's data pipeline with the demo recipe's settings, as an endless batch source."""
+
+    def __init__(self, rank: int, world: int) -> None:
+        from data import CropDataset, CursorSampler, PairIndex, build_loader
+
+        index = PairIndex.from_lists([TRAIN_LIST])
+        dataset = CropDataset(index, segment_seconds=SEGMENT_SECONDS, seed=777)
+        self.sampler = CursorSampler(len(dataset), MICRO, rank, world, seed=777, epoch_quantum=MICRO * ACCUM * world)
+        self.loader = build_loader(dataset, self.sampler, num_workers=1, pin_memory=False, persistent_workers=True,
+                                   prefetch_factor=2)
+        self.it = iter(self.loader)
+
+    def batch(self, size: int):
+        try:
+            noisy, clean = next(self.it)
+        except StopIteration:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.it = iter(self.loader)
+            noisy, clean = next(self.it)
+        self.sampler.advance(1)
+        return noisy, clean
+
+
+def _source(kind: str, rank: int, world: int):
+    return OurLoader(rank, world) if kind == "loader" else InMemoryCrops(TRAIN_LIST, SEGMENT_SECONDS, seed=rank)
+
+
+def worker_ds(args: argparse.Namespace) -> None:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from launcher.ds_config import load_preset
+    from model import build_model, compute_features, mask_loss
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = load_preset(DS_SPEC)
+    cfg.update({"train_batch_size": MICRO * ACCUM * world, "train_micro_batch_size_per_gpu": MICRO,
+                "gradient_accumulation_steps": ACCUM})
+    cfg["optimizer"]["params"]["lr"] = LR
+    torch.manual_seed(777)
+    model = build_model(PRESET)
+    torch.manual_seed(777 + 1000 * (rank + 1))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad], config=cfg)
+    source = _source(args.data, rank, world)
+    times, t = [], time.perf_counter()
+    for _ in range(args.steps):
+        for _ in range(ACCUM):
+            noisy, clean = source.batch(MICRO)
+            loss = mask_loss(engine(compute_features(noisy, dither=1.0)), noisy, clean)
+            if args.flags:  # what launcher/train.py adds per micro-batch
+                finite = torch.isfinite(loss)
+                flags = torch.stack([torch.where(finite, loss.detach().float(), torch.zeros_like(loss)),
+                                     (~finite).float(), torch.tensor(0.0)])
+                dist.all_reduce(flags)
+                flags.tolist()
+            engine.backward(loss)
+            engine.step()
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    if rank == 0:
+        Path(args.result).write_text(json.dumps({"step_s": times, "samples_per_step": MICRO * ACCUM * world}))
+    dist.barrier()
+
+
+def worker_ddp(args: argparse.Namespace) -> None:
+    from contextlib import nullcontext
+
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from launcher.ds_config import load_preset
+    from model import build_model, compute_features, mask_loss
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    opt_params = load_preset(DS_SPEC)["optimizer"]["params"]
+    clip = load_preset(DS_SPEC)["gradient_clipping"]
+    torch.manual_seed(777)
+    model = build_model(PRESET)
+    torch.manual_seed(777 + 1000 * (rank + 1))
+    ddp = DistributedDataParallel(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=LR, betas=tuple(opt_params["betas"]), eps=opt_params["eps"], weight_decay=0.0)
+    source = _source(args.data, rank, world)
+    times, t = [], time.perf_counter()
+    for _ in range(args.steps):
+        for i in range(ACCUM):
+            noisy, clean = source.batch(MICRO)
+            with ddp.no_sync() if i < ACCUM - 1 else nullcontext():
+                loss = mask_loss(ddp(compute_features(noisy, dither=1.0)), noisy, clean) / ACCUM
+                loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        now = time.perf_counter()
+        times.append(now - t)
+        t = now
+    if rank == 0:
+        Path(args.result).write_text(json.dumps({"step_s": times, "samples_per_step": MICRO * ACCUM * world}))
+    dist.destroy_process_group()
+
+
+# ---- driver --------------------------------------------------------------------------------------
+
+def _env() -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _run(cmd: list[str], timeout: float) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def run_ours(steps: int, port: int, tmp: Path, extra: list[str]) -> dict:
+    run_dir = tmp / f"ours_{port}"
+    cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launcher/train.py",
+           "--ds_config", DS_SPEC, "--config", RECIPE, "--run_dir", str(run_dir), f"train.max_steps={steps}",
+           "train.log_interval_steps=1", "data.valid_list=none", "train.progress_bar=false", *extra]
+    wall = _run(cmd, timeout=600)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r.get("kind") == "train"]
+    step_s, crossing, reported, waits = [], [], [], []
+    for prev, cur in zip(train, train[1:]):
+        if cur["step"] != prev["step"] + 1:
+            continue
+        (crossing if cur["epoch"] != prev["epoch"] else step_s).append((cur["step"], cur["time"] - prev["time"]))
+    for r in train:
+        reported.append((r["step"], r["samples_per_s"]))
+        waits.append((r["step"], r["data_wait_share"]))
+    return {"step_s": step_s, "epoch_crossing_step_s": crossing, "reported_samples_per_s": reported,
+            "data_wait_share": waits, "samples_per_step": 16, "wall_s": wall}
+
+
+def run_worker(kind: str, steps: int, port: int, tmp: Path, flags: bool, data: str) -> dict:
+    result = tmp / f"{kind}_{port}.json"
+    script = ["bench/bench_overhead.py", "--worker", kind, "--steps", str(steps), "--result", str(result),
+              "--data", data] + (["--flags"] if flags else [])
+    if kind == "ds":
+        cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *script]
+    else:
+        cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), *script]
+    wall = _run(cmd, timeout=600)
+    out = json.loads(result.read_text())
+    return {"step_s": list(enumerate(out["step_s"], start=1)), "samples_per_step": out["samples_per_step"],
+            "wall_s": wall}
+
+
+def throughput(run: dict, warmup: int, quantile: float = 0.5) -> float:
+    """samples/s at the median (or another quantile) of the optimizer-step times after warm-up."""
+    times = sorted(s for step, s in run["step_s"] if step > warmup)
+    if not times:
+        raise SystemExit(f"no steps left after {warmup} warm-up steps; raise --steps")
+    t = statistics.median(times) if quantile == 0.5 else times[min(len(times) - 1, int(quantile * len(times)))]
+    return run["samples_per_step"] / t
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", choices=("ds", "ddp"), help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--flags", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--data", choices=("memory", "loader"), default="memory", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    ap.add_argument("--warmup", type=int, default=8, help="optimizer steps dropped at the start of each run")
+    ap.add_argument("--profile", action="store_true", help="also the variants that locate the overhead")
+    ap.add_argument("--port", type=int, default=29740, help="first master port (one per run, counting up)")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if args.worker == "ds":
+        worker_ds(args)
+        return 0
+    if args.worker == "ddp":
+        worker_ddp(args)
+        return 0
+    if not Path(TRAIN_LIST).is_absolute() and not (ROOT / TRAIN_LIST).is_file():
+        raise SystemExit(f"{TRAIN_LIST} is missing: run `.venv/bin/python -m data.demo runs/demo_corpus` first")
+
+    contenders = {
+        "ours": lambda port, tmp: run_ours(args.steps, port, tmp, []),
+        "ds_loop": lambda port, tmp: run_worker("ds", args.steps, port, tmp, False, "memory"),
+        "ddp": lambda port, tmp: run_worker("ddp", args.steps, port, tmp, False, "memory"),
+    }
+    if args.profile:
+        contenders.update({
+            "ours_workers0": lambda port, tmp: run_ours(args.steps, port, tmp, ["data.num_workers=0"]),
+            "ds_loop_flags": lambda port, tmp: run_worker("ds", args.steps, port, tmp, True, "memory"),
+            "ds_loop_loader": lambda port, tmp: run_worker("ds", args.steps, port, tmp, False, "loader"),
+        })
+    names = list(contenders)
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    port = args.port
+    with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmpdir:
+        tmp = Path(tmpdir)
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                run = contenders[name](port, tmp)
+                port += 1
+                run["samples_per_s"] = throughput(run, args.warmup)
+                # The fastest tenth of the steps: less sensitive to other users of a shared machine,
+                # which only ever slow a step down.
+                run["samples_per_s_p10"] = throughput(run, args.warmup, 0.1)
+                runs[name].append(run)
+                print(f"round {r + 1}/{args.rounds} {name:15s} {run['samples_per_s']:7.2f} samples/s "
+                      f"(run wall {run['wall_s']:.1f} s)", flush=True)
+    med = {n: statistics.median(run["samples_per_s"] for run in runs[n]) for n in names}
+
+    med_p10 = {n: statistics.median(run["samples_per_s_p10"] for run in runs[n]) for n in names}
+
+    def ratio(a: str, b: str) -> dict:
+        per_round = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(runs[a], runs[b])]
+        per_round_p10 = [x["samples_per_s_p10"] / y["samples_per_s_p10"] for x, y in zip(runs[a], runs[b])]
+        return {"median_of_round_ratios": statistics.median(per_round), "per_round": per_round,
+                "ratio_of_medians": med[a] / med[b],
+                "p10_median_of_round_ratios": statistics.median(per_round_p10), "p10_per_round": per_round_p10}
+
+    ratios = {"ours_vs_ds_loop": ratio("ours", "ds_loop"), "ours_vs_ddp": ratio("ours", "ddp"),
+              "ds_loop_vs_ddp": ratio("ds_loop", "ddp")}
+    if args.profile:
+        ratios.update({"ours_workers0_vs_ds_loop": ratio("ours_workers0", "ds_loop"),
+                       "ds_loop_flags_vs_ds_loop": ratio("ds_loop_flags", "ds_loop"),
+                       "ds_loop_loader_vs_ds_loop": ratio("ds_loop_loader", "ds_loop"),
+                       "ours_vs_ds_loop_loader": ratio("ours", "ds_loop_loader")})
+    ours_extra = {}
+    for name in [n for n in names if n.startswith("ours")]:
+        reported = [v for run in runs[name] for step, v in run["reported_samples_per_s"] if step > args.warmup]
+        waits = [v for run in runs[name] for step, v in run["data_wait_share"] if step > args.warmup]
+        crossing = [s for run in runs[name] for _, s in run["epoch_crossing_step_s"]]
+        ours_extra[name] = {"median_reported_samples_per_s": statistics.median(reported),
+                            "median_data_wait_share": statistics.median(waits),
+                            "epoch_crossing_step_s_median": statistics.median(crossing) if crossing else None}
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(width=max(Console().width, 110), title=f"training-loop throughput, 2 CPU ranks, tiny preset, {MICRO}×{ACCUM}×2, "
+                        f"medians of {args.rounds} rounds")
+    for col in ("loop", "samples/s", "× ds_loop", "× ddp", "fastest-10% samples/s", "× ds_loop", "× ddp"):
+        table.add_column(col, justify="right")
+    for n in names:
+        table.add_row(n, f"{med[n]:.2f}", f"{med[n] / med['ds_loop']:.3f}", f"{med[n] / med['ddp']:.3f}",
+                      f"{med_p10[n]:.2f}", f"{med_p10[n] / med_p10['ds_loop']:.3f}", f"{med_p10[n] / med_p10['ddp']:.3f}")
+    Console().print(table)
+    for k, v in ratios.items():
+        print(f"{k:28s} median of per-round ratios {v['median_of_round_ratios']:.3f}  "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in v['per_round'])}); fastest-10% "
+              f"{v['p10_median_of_round_ratios']:.3f}")
+    for k, v in ours_extra.items():
+        print(f"{k}: its own samples_per_s median {v['median_reported_samples_per_s']:.2f}, data-wait share "
+              f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
+              f"{v['epoch_crossing_step_s_median']} s")
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
+              "warmup": args.warmup, "median_samples_per_s": med, "p10_samples_per_s": med_p10, "ratios": ratios, "ours": ours_extra,
+              "goals": {"ours_vs_ds_loop": ">= 0.97", "ours_vs_ddp": ">= 0.95"},
+              "runs": {n: [{"samples_per_s": r["samples_per_s"], "samples_per_s_p10": r["samples_per_s_p10"],
+                            "samples_per_step": r["samples_per_step"], "wall_s": r["wall_s"],
+                            "step_s": [s for _, s in r["step_s"]]} for r in runs[n]] for n in names}}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

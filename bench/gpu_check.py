@@ -1,0 +1,380 @@
+"""GPU check: the full MossFormer2 at batch 12 × 4 s on one GPU — speed, TFLOP/s, MFU, peak memory per ZeRO stage.
+
+Run through bench/gpu_check.sh on a lent H100/H200 (it installs the carried wheels first); on a machine
+without a GPU, `python bench/gpu_check.py --device cpu --preset tiny --batch 2 --seconds 1 --steps 2` runs
+every phase in a reduced form, to know the script works before device time is spent on it.
+
+Phases, in this order, each written to the JSON as soon as it is done (so a timeout keeps what finished):
+1. device, torch and the peak table: the card's dense datasheet peaks (bf16, tf32, fp32) and what an
+   8192³ matrix product achieves here (bf16, tf32);
+2. FLOPs of one training step (fbank features on the device → mask network → mask loss → backward),
+   counted once with torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions);
+3. plain PyTorch training steps (Adam, the features on the device) in each of: fp32 (TF32 off), tf32
+   (TF32 on for matmul and cuDNN), bf16 (autocast, fp32 weights), and last bf16 + torch.compile, if the
+   time budget allows: s/batch (median over --steps after --warmup), samples/s, audio-seconds/s,
+   achieved TFLOP/s, MFU against the datasheet peak of that precision and against the measured matmul
+   peak, peak memory (CUDA allocator) next to launcher/memory.py's estimate;
+4. DeepSpeed engines on one rank (world size 1) at each ZeRO stage, bf16 then fp32, the rendered
+   ds_configs/zeroN[+bf16].json presets: memory allocated after deepspeed.initialize, peak over the
+   steps, launcher/memory.py's estimate, and s/batch.
+
+Goal (issue 7): bf16 on an H100 at ≤ 0.10 s/batch (the reference reports 0.80 s/batch at batch 12 on an
+unnamed GPU, fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Dense (no sparsity) datasheet peaks in TFLOP/s, NVIDIA H100/H200 datasheets. Matched on the device name
+# in this order; --peak_tflops overrides.
+DATASHEET = [
+    ("H200 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H200", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),
+    ("H100 NVL", {"bf16": 835.0, "tf32": 417.5, "fp32": 60.0}),
+    ("H100 PCIe", {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2}),
+    ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 (nvidia-smi: "H100 80GB HBM3")
+]
+VARIANTS = ("fp32", "tf32", "bf16", "bf16_compile")
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def allows(self, need_s: float) -> bool:
+        return self.elapsed() + need_s <= self.seconds
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def set_tf32(on: bool) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+def matmul_tflops(device, dtype, tf32: bool, n: int) -> float:
+    import torch
+
+    set_tf32(tf32)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 10
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    del a, b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def batch_on(device, batch: int, seconds: float, seed: int):
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    noisy = (torch.randn(batch, int(seconds * 48000), generator=gen) * 0.1).to(device)
+    clean = noisy * 0.5 + 0.01 * torch.randn(noisy.shape, generator=gen).to(device)
+    return noisy, clean
+
+
+def count_flops(preset: str, device, batch: int, seconds: float) -> int:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model import build_model, compute_features, mask_loss
+
+    set_tf32(False)
+    torch.manual_seed(0)
+    model = build_model(preset).to(device).train()
+    noisy, clean = batch_on(device, batch, seconds, 0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss = mask_loss(model(compute_features(noisy, dither=1.0)), noisy, clean)
+        loss.backward()
+    total = counter.get_total_flops()
+    del model, loss
+    return int(total)
+
+
+def run_variant(name: str, preset: str, device, batch: int, seconds: float, steps: int, warmup: int) -> dict:
+    import torch
+
+    from model import build_model, compute_features, mask_loss
+
+    set_tf32(name == "tf32")
+    torch.manual_seed(0)
+    model = build_model(preset).to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), eps=1e-8)
+    forward = torch.compile(model) if name.endswith("compile") else model
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=name.startswith("bf16"))
+    noisy, clean = batch_on(device, batch, seconds, 1)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(warmup + steps):
+        sync(device)
+        t = time.perf_counter()
+        with amp:
+            mask = forward(compute_features(noisy, dither=1.0))
+        loss = mask_loss(mask.float(), noisy, clean)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - t)
+    out = {"s_per_batch": statistics.median(times[warmup:]), "first_step_s": times[0],
+           "all_step_s": times, "loss": float(loss)}
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
+    del model, opt, forward, mask, loss
+    return out
+
+
+def zero_engine(preset: str, stage: int, precision: str, device, batch: int, seconds: float, steps: int) -> dict:
+    import deepspeed
+    import torch
+
+    from launcher.ds_config import load_preset
+    from model import build_model, compute_features, mask_loss
+
+    set_tf32(False)
+    spec = f"ds_configs/zero{stage}.json" + ("+ds_configs/bf16.json" if precision == "bf16" else "")
+    cfg = load_preset(spec)
+    cfg.update({"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1})
+    cfg["optimizer"]["params"]["lr"] = 5e-4
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    torch.manual_seed(0)
+    model = build_model(preset)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                          if p.requires_grad], config=cfg)
+    out = {"stage": stage, "precision": precision, "spec": spec}
+    if device.type == "cuda":
+        out["allocated_after_init_bytes"] = torch.cuda.memory_allocated(device) - before
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    noisy, clean = batch_on(device, batch, seconds, 2)
+    times = []
+    for _ in range(steps):
+        sync(device)
+        t = time.perf_counter()
+        mask = engine(compute_features(noisy, dither=1.0).to(dtype))
+        loss = mask_loss(mask, noisy, clean)
+        engine.backward(loss)
+        engine.step()
+        sync(device)
+        times.append(time.perf_counter() - t)
+    out["s_per_batch"] = statistics.median(times[1:]) if len(times) > 1 else times[0]
+    out["all_step_s"] = times
+    if device.type == "cuda":
+        out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    del engine, model, mask, loss
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def init_single_rank(device) -> None:
+    import deepspeed
+
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29795")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    ap.add_argument("--preset", default="mossformer2_se_48k")
+    ap.add_argument("--batch", type=int, default=12)
+    ap.add_argument("--seconds", type=float, default=4.0, help="crop length")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--zero_stages", default="0,1,2,3")
+    ap.add_argument("--zero_precisions", default="bf16,fp32")
+    ap.add_argument("--zero_steps", type=int, default=3)
+    ap.add_argument("--budget_s", type=float, default=250.0, help="skip phases that would overrun this")
+    ap.add_argument("--peak_tflops", type=float, default=None, help="bf16 dense peak, if the card is not in the table")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")) / "gpu_check.json")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    budget = Budget(args.budget_s)
+
+    import torch
+
+    from launcher import memory
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: use --device cpu for the reduced check")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peaks = next((p for key, p in DATASHEET if key in name), None) if device.type == "cuda" else None
+    if args.peak_tflops:  # Hopper-like ratio: tf32 half of bf16; fp32 (no tensor cores) unknown
+        peaks = {"bf16": args.peak_tflops, "tf32": args.peak_tflops / 2}
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": name, "torch": torch.__version__,
+        "cuda": torch.version.cuda, "preset": args.preset, "batch": args.batch, "seconds": args.seconds,
+        "steps": args.steps, "warmup": args.warmup, "datasheet_peak_tflops": peaks,
+        "goal": "bf16 <= 0.10 s/batch on an H100 (reference: 0.80 s/batch at batch 12, fp32, unnamed GPU)",
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        result.update({"memory_total_bytes": props.total_memory, "sm_count": props.multi_processor_count,
+                       "capability": f"{props.major}.{props.minor}"})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        result["elapsed_s"] = budget.elapsed()
+        args.out.write_text(json.dumps(result, indent=1))
+
+    n = 8192 if device.type == "cuda" else 512
+    result["matmul_tflops"] = {"bf16": matmul_tflops(device, torch.bfloat16, False, n),
+                               "tf32": matmul_tflops(device, torch.float32, True, n),
+                               "fp32": matmul_tflops(device, torch.float32, False, n), "n": n}
+    save()
+    print(f"{name}: matmul {n}³ bf16 {result['matmul_tflops']['bf16']:.1f}, tf32 {result['matmul_tflops']['tf32']:.1f}, "
+          f"fp32 {result['matmul_tflops']['fp32']:.1f} TFLOP/s", flush=True)
+
+    flops = count_flops(args.preset, device, args.batch, args.seconds)
+    result["flops_per_step"] = flops
+    save()
+    print(f"FLOPs per training step (batch {args.batch} × {args.seconds:g} s): {flops / 1e12:.2f} TFLOP", flush=True)
+
+    num_params = memory.preset_params(args.preset)
+    result["variants"] = {}
+    variants = [v for v in args.variants.split(",") if v]
+
+    def variant(v: str) -> None:
+        need = 150.0 if v.endswith("compile") else 20.0
+        if device.type == "cuda" and not budget.allows(need):
+            result["variants"][v] = {"skipped": f"time budget ({budget.elapsed():.0f} s used of {args.budget_s:.0f})"}
+            save()
+            return
+        r = run_variant(v, args.preset, device, args.batch, args.seconds, args.steps, args.warmup)
+        kind = "bf16" if v.startswith("bf16") else v
+        r["samples_per_s"] = args.batch / r["s_per_batch"]
+        r["audio_seconds_per_s"] = args.batch * args.seconds / r["s_per_batch"]
+        r["tflops"] = flops / r["s_per_batch"] / 1e12
+        if peaks and kind in peaks:
+            r["mfu_datasheet"] = r["tflops"] / peaks[kind]
+        r["mfu_vs_matmul"] = r["tflops"] / result["matmul_tflops"][kind]
+        precision = "fp32" if kind in ("fp32", "tf32") else "bf16"
+        est = memory.estimate(args.preset, 0, precision, 1, args.batch, args.seconds)
+        # autocast keeps fp32 weights, grads and Adam moments (16Ψ), not DeepSpeed bf16's layout
+        r["estimate_bytes"] = 16 * num_params + est.activations if precision == "bf16" else est.total
+        result["variants"][v] = r
+        save()
+        print(f"{v:13s} {r['s_per_batch']:.4f} s/batch  {r['samples_per_s']:.2f} samples/s  {r['tflops']:.2f} TFLOP/s"
+              + (f"  MFU {100 * r['mfu_datasheet']:.1f} %" if "mfu_datasheet" in r else "")
+              + (f"  peak {r['peak_memory_bytes'] / 2**30:.2f} GiB (estimate {r['estimate_bytes'] / 2**30:.2f})"
+                 if "peak_memory_bytes" in r else "")
+              + f"  first step {r['first_step_s']:.2f} s", flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    for v in variants:
+        if not v.endswith("compile"):
+            variant(v)
+
+    result["zero"] = []
+    stages = [int(s) for s in args.zero_stages.split(",") if s != ""]
+    if stages:
+        init_single_rank(device)
+    for precision in [p for p in args.zero_precisions.split(",") if p]:
+        for stage in stages:
+            if device.type == "cuda" and not budget.allows(25.0):
+                result["zero"].append({"stage": stage, "precision": precision, "skipped": "time budget"})
+                save()
+                continue
+            r = zero_engine(args.preset, stage, precision, device, args.batch, args.seconds, args.zero_steps)
+            est = memory.estimate(args.preset, stage, precision, 1, args.batch, args.seconds, _rendered(r["spec"]))
+            r["estimate_bytes"] = est.total
+            r["estimate_states_and_buffers_bytes"] = est.total_without_activations
+            result["zero"].append(r)
+            save()
+            print(f"ZeRO {stage} {precision}: {r['s_per_batch']:.4f} s/batch"
+                  + (f", after init {r['allocated_after_init_bytes'] / 2**30:.2f} GiB (estimate states+buckets "
+                     f"{est.total_without_activations / 2**30:.2f}), peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+                     f"(estimate {est.total / 2**30:.2f})" if "peak_memory_bytes" in r else ""), flush=True)
+
+    for v in variants:  # torch.compile last: its compile time is the least predictable
+        if v.endswith("compile"):
+            variant(v)
+    save()
+    _table(result)
+    print(f"wrote {args.out} after {budget.elapsed():.0f} s")
+    return 0
+
+
+def _rendered(spec: str) -> dict:
+    from launcher.ds_config import load_preset
+
+    return load_preset(spec)
+
+
+def _table(result: dict) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        return
+    gib = 2 ** 30
+    t = Table(title=f"{result['device']}: {result['preset']}, batch {result['batch']} × {result['seconds']:g} s")
+    for col in ("run", "s/batch", "samples/s", "TFLOP/s", "MFU", "peak GiB", "estimate GiB"):
+        t.add_column(col, justify="right")
+    for name, r in result.get("variants", {}).items():
+        if "skipped" in r:
+            t.add_row(name, r["skipped"], "", "", "", "", "")
+            continue
+        t.add_row(name, f"{r['s_per_batch']:.4f}", f"{r['samples_per_s']:.2f}", f"{r['tflops']:.2f}",
+                  f"{100 * r['mfu_datasheet']:.1f} %" if "mfu_datasheet" in r else "-",
+                  f"{r['peak_memory_bytes'] / gib:.2f}" if "peak_memory_bytes" in r else "-",
+                  f"{r['estimate_bytes'] / gib:.2f}")
+    for r in result.get("zero", []):
+        name = f"ZeRO {r['stage']} {r['precision']}"
+        if "skipped" in r:
+            t.add_row(name, r["skipped"], "", "", "", "", "")
+            continue
+        t.add_row(name, f"{r['s_per_batch']:.4f}", f"{result['batch'] / r['s_per_batch']:.2f}", "", "",
+                  f"{r['peak_memory_bytes'] / gib:.2f}" if "peak_memory_bytes" in r else "-",
+                  f"{r['estimate_bytes'] / gib:.2f}")
+    Console().print(t)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
