@@ -7,6 +7,7 @@ save one checkpoint together and exit with PREEMPTED_EXIT; the SLURM script then
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -22,8 +23,17 @@ class Preemption:
         # srun delivers a signal to every process of the step, so forked DataLoader workers, which
         # inherit this handler, get it too; only the rank that installed it acts and reports.
         self._pid = os.getpid()
+        self._signals = signals
         for sig in signals:
             signal.signal(sig, self._handle)
+        # Python puts SIG_DFL back while it shuts down, so a repeated notice arriving after the ranks
+        # have saved and returned would still kill them (exit 138 instead of 75). Done is done: ignore.
+        atexit.register(self._ignore)
+
+    def _ignore(self) -> None:
+        if os.getpid() == self._pid:
+            for sig in self._signals:
+                signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:

@@ -106,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                   "before launching (slurm/train_48k.sbatch does)", file=sys.stderr)
             return 2
         os.environ.update(env.export())
+    from launcher.checkpoint import CheckpointError
+
     try:
         return Trainer(cfg, plan, ds_config, env, args.resume).run()
-    except (PreflightError, TrainingAborted) as e:
+    except (PreflightError, TrainingAborted, ConfigError, DataError, CheckpointError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         return 1
 
@@ -298,11 +300,11 @@ class Trainer:
         from launcher.schedule import LRSchedule
         from model import compute_features, mask_loss
 
+        preempt = Preemption()  # first: a signal during set-up still yields a checkpoint after one step
         self._init_distributed()
         rank0 = self.env.rank == 0
         self.metrics = Metrics(self.run_dir, self.cfg.train.max_epoch, self.cfg.train.progress_bar) if rank0 else NullMetrics()
         self._record_run()
-        preempt = Preemption()
         target = self._resume_target()
         self.load_universal = bool(
             target and target[2]["world_size"] != self.env.world_size and target[2]["zero_stage"] > 0

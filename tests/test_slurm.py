@@ -250,6 +250,39 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_corpus, tmp_path, m
     assert plan_of(run_dir)["world_size"] == 2
 
 
+def test_notice_during_start_up_is_not_lost(cluster, demo_corpus, tmp_path):
+    """The ranks ignore USR1 until their handler exists; the batch shell repeats the notice."""
+    run_dir = tmp_path / "run"
+    proc = submit(cluster, tmp_path / "logs", "mf2-early", "--nodes=2", "--gpus-per-node=0",
+                  f"--export=ALL,RECIPE={DEMO}", RUN_DIR=str(run_dir), MF2_SIGNAL_REPEAT_S="5",
+                  EXTRA_ARGS=f"{corpus_args(demo_corpus)} train.max_steps=6 train.log_interval_steps=1")
+    wait_for(lambda: len(task_nodes(read_logs(proc)[0])) == 2, 120, "both ranks to start", proc)
+    assert not train_steps(run_dir), "the notice must arrive before training does"
+    sent = subprocess.run(["scancel", "--signal=USR1", "--batch", str(proc.job_id)], env=cluster.env,
+                          capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    job = finish(cluster, proc)
+    TIMINGS["early notice job"] = job.elapsed_s
+    assert job.rc == 0, job.show()
+    first, second, step = saved_and_resumed(job)
+    assert "(exit 75)" in first, "the repeated notice must not kill ranks that are already exiting"
+    assert train_steps(run_dir) == list(range(1, 7)), train_steps(run_dir)
+
+
+def test_scancel_ends_the_job_without_requeue(cluster, demo_corpus, tmp_path):
+    """TERM (scancel, time limit) is SLURM ending the job: the script must not requeue it."""
+    run_dir = tmp_path / "run"
+    proc = submit(cluster, tmp_path / "logs", "mf2-cancel", "--nodes=2", "--gpus-per-node=0",
+                  f"--export=ALL,RECIPE={DEMO}", RUN_DIR=str(run_dir),
+                  EXTRA_ARGS=f"{corpus_args(demo_corpus)} train.max_steps=1000 train.log_interval_steps=1")
+    wait_for(lambda: len(train_steps(run_dir)) >= 2, 300, "two optimizer steps", proc)
+    subprocess.run(["scancel", str(proc.job_id)], env=cluster.env, check=True, timeout=60)
+    job = finish(cluster, proc, timeout=120)
+    TIMINGS["scancel job"] = job.elapsed_s
+    assert job.rc != 0, job.show()
+    assert "requeueing job" not in job.out and "SLURM_RESTART_COUNT=1" not in job.out, job.show()
+
+
 def test_requeue_onto_one_node_keeps_global_batch_and_lr(cluster, demo_corpus, tmp_path):
     """Preempted on 2 nodes; while the requeued job waits, it is changed to 1 node (as an admin or a
     node-range request would); the second run holds the global batch and LR with twice the accumulation."""
