@@ -8,6 +8,9 @@ DEMO_DIR ?= runs/demo
 
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 1
+# One ninja for every build of DeepSpeed's JIT op: the venv's and the system's hash build commands
+# differently, and a mix rebuilds the op (~1 min) on every switch.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: venv demo story test clean
 

@@ -23,7 +23,11 @@ Contenders run alternately, round after round (the order rotates each round). In
 --warmup optimizer steps are dropped; a run's throughput is the median over its remaining steps (steps that
 cross an epoch boundary of ours, where it checkpoints, are dropped too and counted separately); the
 result per contender is the median over rounds, and the ratios are computed per round (side by side) and
-their median is reported.
+their median is reported. Alongside: the fastest tenth of the steps (other users of a shared machine only
+ever slow a step down), and the CPU time of the whole process tree (launcher, ranks, loader workers)
+per sample, sampled every 50 ms and cut at the same step boundaries: it measures the work a loop does
+and hardly moves when other processes take the cores, which on a shared 2-core machine moves wall-clock
+throughput by ±30 % from run to run.
 
 --profile adds the variants that locate ours' overhead: ours with data.num_workers=0 (the loader in the
 training process) and the minimal loop with (a) the per-micro-batch all-reduce of loss/non-finite/stop
@@ -146,7 +150,7 @@ def worker_ds(args: argparse.Namespace) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=cfg)
     source = _source(args.data, rank, world)
-    times, t = [], time.perf_counter()
+    times, stamps, t = [], [], time.perf_counter()
     for _ in range(args.steps):
         for _ in range(ACCUM):
             noisy, clean = source.batch(MICRO)
@@ -161,9 +165,11 @@ def worker_ds(args: argparse.Namespace) -> None:
             engine.step()
         now = time.perf_counter()
         times.append(now - t)
+        stamps.append(time.time())
         t = now
     if rank == 0:
-        Path(args.result).write_text(json.dumps({"step_s": times, "samples_per_step": MICRO * ACCUM * world}))
+        Path(args.result).write_text(json.dumps({"step_s": times, "stamps": stamps,
+                                                 "samples_per_step": MICRO * ACCUM * world}))
     dist.barrier()
 
 
@@ -188,7 +194,7 @@ def worker_ddp(args: argparse.Namespace) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=LR, betas=tuple(opt_params["betas"]), eps=opt_params["eps"], weight_decay=0.0)
     source = _source(args.data, rank, world)
-    times, t = [], time.perf_counter()
+    times, stamps, t = [], [], time.perf_counter()
     for _ in range(args.steps):
         for i in range(ACCUM):
             noisy, clean = source.batch(MICRO)
@@ -200,9 +206,11 @@ def worker_ddp(args: argparse.Namespace) -> None:
         opt.zero_grad(set_to_none=True)
         now = time.perf_counter()
         times.append(now - t)
+        stamps.append(time.time())
         t = now
     if rank == 0:
-        Path(args.result).write_text(json.dumps({"step_s": times, "samples_per_step": MICRO * ACCUM * world}))
+        Path(args.result).write_text(json.dumps({"step_s": times, "stamps": stamps,
+                                                 "samples_per_step": MICRO * ACCUM * world}))
     dist.destroy_process_group()
 
 
@@ -215,12 +223,71 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str], timeout: float) -> float:
+def _run(cmd: list[str], timeout: float) -> tuple[float, list[tuple[float, float]]]:
+    """(wall seconds, [(time.time(), CPU seconds used so far by the whole process tree)]) of one run.
+
+    The CPU time of the launcher, the ranks and their loader workers is sampled every 50 ms: unlike wall
+    time it barely grows when other users' processes take the cores, so CPU-seconds per step compares the
+    work each loop does even on a busy machine."""
+    import threading
+
+    import psutil
+
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        finished: dict[int, float] = {}  # CPU of processes seen before, kept when they exit
+        while not done.is_set():
+            total = 0.0
+            try:
+                procs = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                break
+            for p in procs:
+                try:
+                    c = p.cpu_times()
+                    finished[p.pid] = c.user + c.system
+                except psutil.Error:
+                    pass
+            total = sum(finished.values())
+            samples.append((time.time(), total))
+            done.wait(0.05)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        rc = proc.wait(timeout=timeout)
+    finally:
+        done.set()
+        thread.join()
+    if rc != 0:
+        log.seek(0)
+        raise SystemExit(f"failed ({rc}): {' '.join(cmd)}\n{log.read()[-5000:]}")
+    return time.perf_counter() - start, samples
+
+
+def _cpu_at(samples: list[tuple[float, float]], t: float) -> float:
+    """CPU seconds of the process tree at wall time t, interpolated between samples."""
+    import bisect
+
+    times = [x for x, _ in samples]
+    i = bisect.bisect_left(times, t)
+    if i == 0:
+        return samples[0][1]
+    if i >= len(samples):
+        return samples[-1][1]
+    (t0, c0), (t1, c1) = samples[i - 1], samples[i]
+    return c0 + (c1 - c0) * (t - t0) / (t1 - t0) if t1 > t0 else c1
+
+
+def cpu_per_step(samples: list[tuple[float, float]], stamps: list[tuple[int, float, float]]) -> list[tuple[int, float]]:
+    """[(step, CPU seconds of the whole tree during that step)] for (step, start time, end time) windows."""
+    return [(step, _cpu_at(samples, end) - _cpu_at(samples, start)) for step, start, end in stamps]
 
 
 def run_ours(steps: int, port: int, tmp: Path, extra: list[str]) -> dict:
@@ -228,19 +295,22 @@ def run_ours(steps: int, port: int, tmp: Path, extra: list[str]) -> dict:
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launcher/train.py",
            "--ds_config", DS_SPEC, "--config", RECIPE, "--run_dir", str(run_dir), f"train.max_steps={steps}",
            "train.log_interval_steps=1", "data.valid_list=none", "train.progress_bar=false", *extra]
-    wall = _run(cmd, timeout=600)
+    wall, samples = _run(cmd, timeout=600)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]
-    step_s, crossing, reported, waits = [], [], [], []
+    step_s, crossing, reported, waits, windows = [], [], [], [], []
     for prev, cur in zip(train, train[1:]):
         if cur["step"] != prev["step"] + 1:
             continue
         (crossing if cur["epoch"] != prev["epoch"] else step_s).append((cur["step"], cur["time"] - prev["time"]))
+        if cur["epoch"] == prev["epoch"]:
+            windows.append((cur["step"], prev["time"], cur["time"]))
     for r in train:
         reported.append((r["step"], r["samples_per_s"]))
         waits.append((r["step"], r["data_wait_share"]))
     return {"step_s": step_s, "epoch_crossing_step_s": crossing, "reported_samples_per_s": reported,
-            "data_wait_share": waits, "samples_per_step": 16, "wall_s": wall}
+            "data_wait_share": waits, "samples_per_step": 16, "wall_s": wall,
+            "cpu_step_s": cpu_per_step(samples, windows)}
 
 
 def run_worker(kind: str, steps: int, port: int, tmp: Path, flags: bool, data: str) -> dict:
@@ -251,10 +321,12 @@ def run_worker(kind: str, steps: int, port: int, tmp: Path, flags: bool, data: s
         cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), *script]
     else:
         cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), *script]
-    wall = _run(cmd, timeout=600)
+    wall, samples = _run(cmd, timeout=600)
     out = json.loads(result.read_text())
+    stamps = out["stamps"]
+    windows = [(k + 1, stamps[k - 1], stamps[k]) for k in range(1, len(stamps))]
     return {"step_s": list(enumerate(out["step_s"], start=1)), "samples_per_step": out["samples_per_step"],
-            "wall_s": wall}
+            "wall_s": wall, "cpu_step_s": cpu_per_step(samples, windows)}
 
 
 def throughput(run: dict, warmup: int, quantile: float = 0.5) -> float:
@@ -326,19 +398,25 @@ def main() -> int:
                 # The fastest tenth of the steps: less sensitive to other users of a shared machine,
                 # which only ever slow a step down.
                 run["samples_per_s_p10"] = throughput(run, args.warmup, 0.1)
+                cpu = [c for step, c in run["cpu_step_s"] if step > args.warmup]
+                run["cpu_s_per_sample"] = statistics.median(cpu) / run["samples_per_step"]
                 runs[name].append(run)
-                print(f"round {r + 1}/{args.rounds} {name:15s} {run['samples_per_s']:7.2f} samples/s "
-                      f"(run wall {run['wall_s']:.1f} s)", flush=True)
+                print(f"round {r + 1}/{args.rounds} {name:15s} {run['samples_per_s']:7.2f} samples/s, "
+                      f"{1e3 * run['cpu_s_per_sample']:6.1f} CPU-ms/sample (run wall {run['wall_s']:.1f} s)", flush=True)
     med = {n: statistics.median(run["samples_per_s"] for run in runs[n]) for n in names}
 
     med_p10 = {n: statistics.median(run["samples_per_s_p10"] for run in runs[n]) for n in names}
+    med_cpu = {n: statistics.median(run["cpu_s_per_sample"] for run in runs[n]) for n in names}
 
     def ratio(a: str, b: str) -> dict:
         per_round = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(runs[a], runs[b])]
         per_round_p10 = [x["samples_per_s_p10"] / y["samples_per_s_p10"] for x, y in zip(runs[a], runs[b])]
+        # CPU: the work per sample, inverted so that above 1 means `a` does less work than `b`
+        per_round_cpu = [y["cpu_s_per_sample"] / x["cpu_s_per_sample"] for x, y in zip(runs[a], runs[b])]
         return {"median_of_round_ratios": statistics.median(per_round), "per_round": per_round,
                 "ratio_of_medians": med[a] / med[b],
-                "p10_median_of_round_ratios": statistics.median(per_round_p10), "p10_per_round": per_round_p10}
+                "p10_median_of_round_ratios": statistics.median(per_round_p10), "p10_per_round": per_round_p10,
+                "cpu_median_of_round_ratios": statistics.median(per_round_cpu), "cpu_per_round": per_round_cpu}
 
     ratios = {"ours_vs_ds_loop": ratio("ours", "ds_loop"), "ours_vs_ddp": ratio("ours", "ddp"),
               "ds_loop_vs_ddp": ratio("ds_loop", "ddp")}
@@ -359,26 +437,31 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(width=max(Console().width, 110), title=f"training-loop throughput, 2 CPU ranks, tiny preset, {MICRO}×{ACCUM}×2, "
+    table = Table(title=f"training-loop throughput, 2 CPU ranks, tiny preset, {MICRO}×{ACCUM}×2, "
                         f"medians of {args.rounds} rounds")
-    for col in ("loop", "samples/s", "× ds_loop", "× ddp", "fastest-10% samples/s", "× ds_loop", "× ddp"):
+    for col in ("loop", "samples/s", "× ds_loop", "× ddp", "fastest-10% samples/s", "CPU-ms/sample",
+                "ds_loop ÷ this", "ddp ÷ this"):
         table.add_column(col, justify="right")
     for n in names:
         table.add_row(n, f"{med[n]:.2f}", f"{med[n] / med['ds_loop']:.3f}", f"{med[n] / med['ddp']:.3f}",
-                      f"{med_p10[n]:.2f}", f"{med_p10[n] / med_p10['ds_loop']:.3f}", f"{med_p10[n] / med_p10['ddp']:.3f}")
-    Console().print(table)
+                      f"{med_p10[n]:.2f}", f"{1e3 * med_cpu[n]:.1f}", f"{med_cpu['ds_loop'] / med_cpu[n]:.3f}",
+                      f"{med_cpu['ddp'] / med_cpu[n]:.3f}")
+    Console(width=max(Console().width, 140)).print(table)
     for k, v in ratios.items():
         print(f"{k:28s} median of per-round ratios {v['median_of_round_ratios']:.3f}  "
               f"(rounds: {', '.join(f'{x:.3f}' for x in v['per_round'])}); fastest-10% "
-              f"{v['p10_median_of_round_ratios']:.3f}")
+              f"{v['p10_median_of_round_ratios']:.3f}; CPU work {v['cpu_median_of_round_ratios']:.3f} "
+              f"(rounds: {', '.join(f'{x:.3f}' for x in v['cpu_per_round'])})")
     for k, v in ours_extra.items():
         print(f"{k}: its own samples_per_s median {v['median_reported_samples_per_s']:.2f}, data-wait share "
               f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
               f"{v['epoch_crossing_step_s_median']} s")
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
-              "warmup": args.warmup, "median_samples_per_s": med, "p10_samples_per_s": med_p10, "ratios": ratios, "ours": ours_extra,
+              "warmup": args.warmup, "median_samples_per_s": med, "p10_samples_per_s": med_p10,
+              "median_cpu_s_per_sample": med_cpu, "ratios": ratios, "ours": ours_extra,
               "goals": {"ours_vs_ds_loop": ">= 0.97", "ours_vs_ddp": ">= 0.95"},
               "runs": {n: [{"samples_per_s": r["samples_per_s"], "samples_per_s_p10": r["samples_per_s_p10"],
+                            "cpu_s_per_sample": r["cpu_s_per_sample"], "cpu_step_s": [c for _, c in r["cpu_step_s"]],
                             "samples_per_step": r["samples_per_step"], "wall_s": r["wall_s"],
                             "step_s": [s for _, s in r["step_s"]]} for r in runs[n]] for n in names}}
     if args.out:

@@ -286,7 +286,8 @@ class Trainer:
         self.metrics.print(
             f"[resume] {ckpt_dir / tag}: step {self.engine.global_steps}, epoch {self.sampler.epoch + 1}, "
             f"{self.sampler.cursor} samples into the epoch"
-            + ("" if same_world else f"; world {marker['world_size']} → {self.env.world_size} via universal checkpoint")
+            + ("" if same_world else f"; world {marker['world_size']} → {self.env.world_size}"
+               + (" via universal checkpoint" if self.load_universal else ""))
             + ("" if rng_restored else "; fresh RNG streams")
         )
 

@@ -37,6 +37,8 @@ def demo_corpus(tmp_path_factory) -> dict:
 
 def train_env(**extra: str) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+    # The venv's ninja builds DeepSpeed's op, as under `make`: mixing ninjas forces rebuilds.
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RANK", None)
     return env
 
