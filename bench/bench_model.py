@@ -167,7 +167,7 @@ def write_golden(path: Path, refs) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reference", required=True, help="directory holding the clearvoice package folder")
-    p.add_argument("--cases", nargs="+", default=["mossformer2_se_48k:1", "mossformer2_se_48k:2", "tiny:4"],
+    p.add_argument("--cases", nargs="+", default=["mossformer2_se_48k:1", "tiny:4"],
                    help="PRESET:BATCH pairs (default: %(default)s)")
     p.add_argument("--seconds", type=float, default=4.0, help="input length (default 4 s = 496 frames)")
     p.add_argument("--repeats", type=int, default=5)

@@ -34,6 +34,10 @@ training process) and the minimal loop with (a) the per-micro-batch all-reduce o
 flags that launcher/train.py does, (b) our DataLoader (CropDataset + CursorSampler + build_loader with the
 demo recipe's settings) instead of in-memory crops.
 
+All runs execute in a snapshot of the working tree (launcher/, model/, data/, ds_configs/, recipes/,
+bench/) copied when the benchmark starts, so that edits made meanwhile (others work in this tree) cannot
+change what one contender runs against another; the JSON records the snapshot's file hashes.
+
 Worker mode (what the launchers start): `bench_overhead.py --worker ds|ddp --steps N --result FILE`.
 """
 
@@ -223,6 +227,27 @@ def _env() -> dict:
     return env
 
 
+SNAPSHOT_DIRS = ("launcher", "model", "data", "ds_configs", "recipes", "bench")
+
+
+def snapshot(dest: Path) -> dict[str, str]:
+    """Copy the code the runs use into dest (the demo corpus is linked); {file: sha256} of what was copied."""
+    import hashlib
+    import shutil
+
+    hashes = {}
+    for name in SNAPSHOT_DIRS:
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        for f in sorted((dest / name).rglob("*.py")):
+            hashes[str(f.relative_to(dest))] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
+    (dest / "runs").mkdir()
+    (dest / "runs" / "demo_corpus").symlink_to(ROOT / "runs" / "demo_corpus")
+    return hashes
+
+
+CWD = ROOT  # where the runs execute: the snapshot once main() has made it
+
+
 def _run(cmd: list[str], timeout: float) -> tuple[float, list[tuple[float, float]]]:
     """(wall seconds, [(time.time(), CPU seconds used so far by the whole process tree)]) of one run.
 
@@ -235,7 +260,7 @@ def _run(cmd: list[str], timeout: float) -> tuple[float, list[tuple[float, float
 
     start = time.perf_counter()
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=CWD, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -387,8 +412,11 @@ def main() -> int:
     names = list(contenders)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     port = args.port
+    global CWD
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmpdir:
         tmp = Path(tmpdir)
+        CWD = tmp / "tree"
+        code_hashes = snapshot(CWD)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
@@ -457,7 +485,7 @@ def main() -> int:
               f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
               f"{v['epoch_crossing_step_s_median']} s")
     result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
-              "warmup": args.warmup, "median_samples_per_s": med, "p10_samples_per_s": med_p10,
+              "warmup": args.warmup, "code_sha256": code_hashes, "median_samples_per_s": med, "p10_samples_per_s": med_p10,
               "median_cpu_s_per_sample": med_cpu, "ratios": ratios, "ours": ours_extra,
               "goals": {"ours_vs_ds_loop": ">= 0.97", "ours_vs_ddp": ">= 0.95"},
               "runs": {n: [{"samples_per_s": r["samples_per_s"], "samples_per_s_p10": r["samples_per_s_p10"],

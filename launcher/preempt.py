@@ -8,6 +8,7 @@ save one checkpoint together and exit with PREEMPTED_EXIT; the SLURM script then
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import signal
 import sys
@@ -43,3 +44,16 @@ class Preemption:
             print(f"[preempt] {self.signal_name} received: checkpoint at the next optimizer step", file=sys.stderr,
                   flush=True)
         self.requested = True
+
+    @contextlib.contextmanager
+    def deferred(self):
+        """Hold the signals back (they stay pending, then reach the handler) while child processes run.
+
+        The signal mask survives fork and exec, so a compiler that DeepSpeed starts here (its JIT op,
+        ~1 min when cold) is not killed by a notice that srun sends to every process of the step.
+        """
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, self._signals)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)

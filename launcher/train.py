@@ -31,7 +31,7 @@ from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan  # n
 from launcher.plan import Plan, PlanError  # noqa: E402
 from launcher.preflight import PreflightError, check_head_reachable, check_run_dir, check_world  # noqa: E402
 
-RENDEZVOUS_TIMEOUT_S = float(os.environ.get("MF2_RENDEZVOUS_TIMEOUT_S", "120"))
+RENDEZVOUS_TIMEOUT_S = float(os.environ.get("MF2_RENDEZVOUS_TIMEOUT_S", "300"))
 # Collectives may legitimately wait long (rank 0 validating a large corpus while the others wait).
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("MF2_COLLECTIVE_TIMEOUT_S", "1800"))
 
@@ -139,7 +139,8 @@ class Trainer:
             # time, cached after): build it first so that the bounded wait below measures the network only.
             from deepspeed.comm.torch import build_shm_op
 
-            build_shm_op()
+            with self.preempt.deferred():
+                build_shm_op()
         check_head_reachable(self.env, RENDEZVOUS_TIMEOUT_S)
         backend = accel.communication_backend_name()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
@@ -301,7 +302,7 @@ class Trainer:
         from launcher.schedule import LRSchedule
         from model import compute_features, mask_loss
 
-        preempt = Preemption()  # first: a signal during set-up still yields a checkpoint after one step
+        preempt = self.preempt = Preemption()  # first: a notice during set-up still yields a checkpoint
         self._init_distributed()
         rank0 = self.env.rank == 0
         self.metrics = Metrics(self.run_dir, self.cfg.train.max_epoch, self.cfg.train.progress_bar) if rank0 else NullMetrics()
@@ -361,6 +362,10 @@ class Trainer:
                     lr = 0.0 if window_bad else self.schedule.lr(engine.global_steps)
                     for group in engine.optimizer.param_groups:
                         group["lr"] = lr
+                    if self.zero_stage == 0 and self.engine.get_global_grad_norm() is None:
+                        # DeepSpeed reports the clipped norm only from its ZeRO/mixed-precision optimizers;
+                        # for a plain fp32 optimizer take it here from the already all-reduced gradients.
+                        self._fp32_grad_norm = self._grad_norm()
                 engine.step()
                 self.sampler.advance(1)
                 interval["micro"] += 1
@@ -428,6 +433,12 @@ class Trainer:
         dist.barrier()
         return exit_code
 
+    def _grad_norm(self) -> float | None:
+        import torch
+
+        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
+
     def _fingerprints(self) -> list[list[float]]:
         """(sum, sum of squares) of every rank's full parameters: equal lists mean the ranks agree."""
         import deepspeed
@@ -452,6 +463,8 @@ class Trainer:
         elapsed = max(1e-9, time.perf_counter() - interval["t"])
         n = max(1, interval["micro"])
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = getattr(self, "_fp32_grad_norm", None)
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         spb = self.metrics.seconds_per_batch() if hasattr(self.metrics, "seconds_per_batch") else elapsed / n
         record = {

@@ -44,16 +44,25 @@ def _enhance_batch(model: nn.Module, waveforms: Tensor, batch_size: int) -> Tens
     return torch.cat(outputs)
 
 
-def _enhance_windowed(model: nn.Module, waveforms: Tensor, window: int, stride: int, batch_size: int) -> Tensor:
+def _enhance_windowed(model: nn.Module, waveforms: Tensor, window: int, stride: int, windows_per_batch: int
+                      ) -> Tensor:
     batch, length = waveforms.shape
     give_up = (window - stride) // 2  # dropped at each window edge (0.5 s by default)
     # Enough windows for the kept parts, [k * stride + give_up, (k + 1) * stride + give_up), to pass the end.
     num_windows = max(1, math.ceil((length - give_up) / stride))
     padded = torch.nn.functional.pad(waveforms, (0, (num_windows - 1) * stride + window - length))
-    windows = padded.unfold(-1, window, stride).reshape(batch * num_windows, window)
-    enhanced = _enhance_batch(model, windows, batch_size).view(batch, num_windows, window).to(waveforms.device)
-    kept = enhanced[:, :, give_up:give_up + stride].reshape(batch, num_windows * stride)
-    return torch.cat((enhanced[:, 0, :give_up], kept), dim=-1)[:, :length]
+    windows = padded.unfold(-1, window, stride)  # (B, K, window), a view: only kept parts are stored
+    per_step = max(1, windows_per_batch // batch)
+    pieces = []
+    for start in range(0, num_windows, per_step):
+        chunk = windows[:, start:start + per_step]
+        count = chunk.shape[1]
+        enhanced = _enhance_batch(model, chunk.reshape(batch * count, window), batch * count)
+        enhanced = enhanced.view(batch, count, window).to(waveforms.device)
+        if start == 0:
+            pieces.append(enhanced[:, 0, :give_up])
+        pieces.append(enhanced[:, :, give_up:give_up + stride].reshape(batch, count * stride))
+    return torch.cat(pieces, dim=-1)[:, :length]
 
 
 def enhance(model: nn.Module, waveform: Tensor, *, one_pass_max_seconds: float = ONE_PASS_MAX_SECONDS,

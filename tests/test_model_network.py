@@ -112,6 +112,25 @@ def test_every_parameter_receives_a_gradient(tiny):
         assert p.grad.abs().sum() > 0, name
 
 
+def test_time_convolution_backward_is_exact():
+    """Our CPU backward for the depthwise time convolution: gradcheck, and equal to autograd through
+    a plain Conv1d at a size where the model uses it."""
+    from model.network import _CpuTimeConv, depthwise_time_conv_residual
+
+    for batch, frames, channels, kernel in [(2, 9, 3, 5), (1, 4, 2, 7), (3, 1, 2, 3), (2, 20, 4, 39)]:
+        x = torch.randn(batch, frames, channels, dtype=torch.float64, requires_grad=True)
+        taps = torch.randn(channels, 1, 1, kernel, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(_CpuTimeConv.apply, (x, taps))
+    x = torch.randn(2, 300, 256, requires_grad=True)
+    weight = torch.randn(256, 1, 17, requires_grad=True)
+    grad = torch.randn(2, 300, 256)
+    ours = torch.autograd.grad(depthwise_time_conv_residual(x, weight), (x, weight), grad)
+    plain = x + torch.nn.functional.conv1d(x.transpose(1, 2), weight, padding=8, groups=256).transpose(1, 2)
+    expected = torch.autograd.grad(plain, (x, weight), grad)
+    for a, b in zip(ours, expected):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_runs_with_low_precision_parameters(tiny, dtype):
     x = fbank(2, 130)
