@@ -248,7 +248,8 @@ def test_notice_during_start_up_is_not_lost(cluster, demo_corpus, tmp_path):
     run_dir = tmp_path / "run"
     proc = submit(cluster, tmp_path / "logs", "mf2-early", "--nodes=2", "--gpus-per-node=0",
                   f"--export=ALL,RECIPE={DEMO}", RUN_DIR=str(run_dir), MF2_SIGNAL_REPEAT_S="5",
-                  EXTRA_ARGS=f"{corpus_args(demo_corpus)} train.max_steps=6 train.log_interval_steps=1")
+                  # Long enough that a repeat (every 5 s) lands while training runs, however fast start-up is.
+                  EXTRA_ARGS=f"{corpus_args(demo_corpus)} train.max_steps=40 train.log_interval_steps=1")
     wait_for(lambda: len(task_nodes(read_logs(proc)[0])) == 2, 120, "both ranks to start", proc)
     assert not train_steps(run_dir), "the notice must arrive before training does"
     sent = subprocess.run(["scancel", "--signal=USR1", "--batch", str(proc.job_id)], env=cluster.env,
@@ -259,7 +260,7 @@ def test_notice_during_start_up_is_not_lost(cluster, demo_corpus, tmp_path):
     assert job.rc == 0, job.show()
     first, second, step = saved_and_resumed(job)
     assert "(exit 75)" in first, "the repeated notice must not kill ranks that are already exiting"
-    assert train_steps(run_dir) == list(range(1, 7)), train_steps(run_dir)
+    assert train_steps(run_dir) == list(range(1, 41)), train_steps(run_dir)
 
 
 def test_scancel_ends_the_job_without_requeue(cluster, demo_corpus, tmp_path):
