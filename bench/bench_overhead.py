@@ -431,28 +431,39 @@ def main() -> int:
                 runs[name].append(run)
                 print(f"round {r + 1}/{args.rounds} {name:15s} {run['samples_per_s']:7.2f} samples/s, "
                       f"{1e3 * run['cpu_s_per_sample']:6.1f} CPU-ms/sample (run wall {run['wall_s']:.1f} s)", flush=True)
-    med = {n: statistics.median(run["samples_per_s"] for run in runs[n]) for n in names}
+                # Written after every run: a benchmark killed half-way keeps what it measured.
+                result = summarize(runs, args, code_hashes, complete=False)
+                if args.out:
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(result, indent=1))
+    result = summarize(runs, args, code_hashes, complete=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+        print(f"wrote {args.out}")
+    return 0
 
+
+def summarize(runs: dict[str, list[dict]], args: argparse.Namespace, code_hashes: dict, complete: bool) -> dict:
+    names = [n for n in runs if runs[n]]
+    med = {n: statistics.median(run["samples_per_s"] for run in runs[n]) for n in names}
     med_p10 = {n: statistics.median(run["samples_per_s_p10"] for run in runs[n]) for n in names}
     med_cpu = {n: statistics.median(run["cpu_s_per_sample"] for run in runs[n]) for n in names}
 
     def ratio(a: str, b: str) -> dict:
-        per_round = [x["samples_per_s"] / y["samples_per_s"] for x, y in zip(runs[a], runs[b])]
-        per_round_p10 = [x["samples_per_s_p10"] / y["samples_per_s_p10"] for x, y in zip(runs[a], runs[b])]
+        pairs = list(zip(runs[a], runs[b]))  # round by round
+        per_round = [x["samples_per_s"] / y["samples_per_s"] for x, y in pairs]
+        per_round_p10 = [x["samples_per_s_p10"] / y["samples_per_s_p10"] for x, y in pairs]
         # CPU: the work per sample, inverted so that above 1 means `a` does less work than `b`
-        per_round_cpu = [y["cpu_s_per_sample"] / x["cpu_s_per_sample"] for x, y in zip(runs[a], runs[b])]
+        per_round_cpu = [y["cpu_s_per_sample"] / x["cpu_s_per_sample"] for x, y in pairs]
         return {"median_of_round_ratios": statistics.median(per_round), "per_round": per_round,
                 "ratio_of_medians": med[a] / med[b],
                 "p10_median_of_round_ratios": statistics.median(per_round_p10), "p10_per_round": per_round_p10,
                 "cpu_median_of_round_ratios": statistics.median(per_round_cpu), "cpu_per_round": per_round_cpu}
 
-    ratios = {"ours_vs_ds_loop": ratio("ours", "ds_loop"), "ours_vs_ddp": ratio("ours", "ddp"),
-              "ds_loop_vs_ddp": ratio("ds_loop", "ddp")}
-    if args.profile:
-        ratios.update({"ours_workers0_vs_ds_loop": ratio("ours_workers0", "ds_loop"),
-                       "ds_loop_flags_vs_ds_loop": ratio("ds_loop_flags", "ds_loop"),
-                       "ds_loop_loader_vs_ds_loop": ratio("ds_loop_loader", "ds_loop"),
-                       "ours_vs_ds_loop_loader": ratio("ours", "ds_loop_loader")})
+    wanted = [("ours", "ds_loop"), ("ours", "ddp"), ("ds_loop", "ddp"), ("ours_workers0", "ds_loop"),
+              ("ds_loop_flags", "ds_loop"), ("ds_loop_loader", "ds_loop"), ("ours", "ds_loop_loader"),
+              ("ours", "ours_workers0")]
+    ratios = {f"{a}_vs_{b}": ratio(a, b) for a, b in wanted if runs.get(a) and runs.get(b)}
     ours_extra = {}
     for name in [n for n in names if n.startswith("ours")]:
         reported = [v for run in runs[name] for step, v in run["reported_samples_per_s"] if step > args.warmup]
@@ -461,42 +472,37 @@ def main() -> int:
         ours_extra[name] = {"median_reported_samples_per_s": statistics.median(reported),
                             "median_data_wait_share": statistics.median(waits),
                             "epoch_crossing_step_s_median": statistics.median(crossing) if crossing else None}
+    if complete:
+        from rich.console import Console
+        from rich.table import Table
 
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"training-loop throughput, 2 CPU ranks, tiny preset, {MICRO}×{ACCUM}×2, "
-                        f"medians of {args.rounds} rounds")
-    for col in ("loop", "samples/s", "× ds_loop", "× ddp", "fastest-10% samples/s", "CPU-ms/sample",
-                "ds_loop ÷ this", "ddp ÷ this"):
-        table.add_column(col, justify="right")
-    for n in names:
-        table.add_row(n, f"{med[n]:.2f}", f"{med[n] / med['ds_loop']:.3f}", f"{med[n] / med['ddp']:.3f}",
-                      f"{med_p10[n]:.2f}", f"{1e3 * med_cpu[n]:.1f}", f"{med_cpu['ds_loop'] / med_cpu[n]:.3f}",
-                      f"{med_cpu['ddp'] / med_cpu[n]:.3f}")
-    Console(width=max(Console().width, 140)).print(table)
-    for k, v in ratios.items():
-        print(f"{k:28s} median of per-round ratios {v['median_of_round_ratios']:.3f}  "
-              f"(rounds: {', '.join(f'{x:.3f}' for x in v['per_round'])}); fastest-10% "
-              f"{v['p10_median_of_round_ratios']:.3f}; CPU work {v['cpu_median_of_round_ratios']:.3f} "
-              f"(rounds: {', '.join(f'{x:.3f}' for x in v['cpu_per_round'])})")
-    for k, v in ours_extra.items():
-        print(f"{k}: its own samples_per_s median {v['median_reported_samples_per_s']:.2f}, data-wait share "
-              f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
-              f"{v['epoch_crossing_step_s_median']} s")
-    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
-              "warmup": args.warmup, "code_sha256": code_hashes, "median_samples_per_s": med, "p10_samples_per_s": med_p10,
-              "median_cpu_s_per_sample": med_cpu, "ratios": ratios, "ours": ours_extra,
-              "goals": {"ours_vs_ds_loop": ">= 0.97", "ours_vs_ddp": ">= 0.95"},
-              "runs": {n: [{"samples_per_s": r["samples_per_s"], "samples_per_s_p10": r["samples_per_s_p10"],
-                            "cpu_s_per_sample": r["cpu_s_per_sample"], "cpu_step_s": [c for _, c in r["cpu_step_s"]],
-                            "samples_per_step": r["samples_per_step"], "wall_s": r["wall_s"],
-                            "step_s": [s for _, s in r["step_s"]]} for r in runs[n]] for n in names}}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(f"wrote {args.out}")
-    return 0
+        table = Table(title=f"training-loop throughput, 2 CPU ranks, tiny preset, {MICRO}×{ACCUM}×2, "
+                            f"medians of {args.rounds} rounds")
+        for col in ("loop", "samples/s", "× ds_loop", "× ddp", "fastest-10% samples/s", "CPU-ms/sample",
+                    "ds_loop ÷ this", "ddp ÷ this"):
+            table.add_column(col, justify="right")
+        for n in names:
+            table.add_row(n, f"{med[n]:.2f}", f"{med[n] / med['ds_loop']:.3f}", f"{med[n] / med['ddp']:.3f}",
+                          f"{med_p10[n]:.2f}", f"{1e3 * med_cpu[n]:.1f}", f"{med_cpu['ds_loop'] / med_cpu[n]:.3f}",
+                          f"{med_cpu['ddp'] / med_cpu[n]:.3f}")
+        Console(width=max(Console().width, 140)).print(table)
+        for k, v in ratios.items():
+            print(f"{k:28s} wall: median of per-round ratios {v['median_of_round_ratios']:.3f} "
+                  f"(rounds {', '.join(f'{x:.2f}' for x in v['per_round'])}); fastest-10% "
+                  f"{v['p10_median_of_round_ratios']:.3f}; CPU work {v['cpu_median_of_round_ratios']:.3f} "
+                  f"(rounds {', '.join(f'{x:.3f}' for x in v['cpu_per_round'])})")
+        for k, v in ours_extra.items():
+            print(f"{k}: its own samples_per_s median {v['median_reported_samples_per_s']:.2f}, data-wait share "
+                  f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
+                  f"{v['epoch_crossing_step_s_median']} s")
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "complete": complete, "rounds": args.rounds,
+            "steps": args.steps, "warmup": args.warmup, "code_sha256": code_hashes,
+            "median_samples_per_s": med, "p10_samples_per_s": med_p10, "median_cpu_s_per_sample": med_cpu,
+            "ratios": ratios, "ours": ours_extra, "goals": {"ours_vs_ds_loop": ">= 0.97", "ours_vs_ddp": ">= 0.95"},
+            "runs": {n: [{"samples_per_s": r["samples_per_s"], "samples_per_s_p10": r["samples_per_s_p10"],
+                          "cpu_s_per_sample": r["cpu_s_per_sample"], "cpu_step_s": [c for _, c in r["cpu_step_s"]],
+                          "samples_per_step": r["samples_per_step"], "wall_s": r["wall_s"],
+                          "step_s": [s for _, s in r["step_s"]]} for r in runs[n]] for n in names}}
 
 
 if __name__ == "__main__":
