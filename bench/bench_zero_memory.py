@@ -25,6 +25,7 @@ The measured params/grads/optimizer are compared against launcher/memory.py's fo
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -185,7 +186,6 @@ def one_config(preset: str, stage: int, precision: str, world: int, reduce_bucke
               "paper_bytes": memory.paper_model_state_bytes(num_params, stage, precision, world)}
     if hasattr(engine, "destroy"):
         engine.destroy()
-    del engine, model
     return result
 
 
@@ -284,6 +284,7 @@ def main() -> int:
     for precision in args.precisions.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
             mine = one_config(args.preset, stage, precision, world, args.reduce_bucket_size)
+            gc.collect()  # the engine, its hooks and the model refer to each other
             gathered = [None] * world
             dist.all_gather_object(gathered, mine)
             if rank == 0:

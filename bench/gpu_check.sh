@@ -5,21 +5,22 @@
 #
 # The box has Python 3.12 with torch and torchaudio 2.11 (and einops, numpy, rich, pyyaml, msgpack, ninja,
 # psutil, py-cpuinfo, tqdm, packaging, nvidia-ml-py); the rest travels as wheels in .whl/ (git-ignored).
-# Prepare them HERE, in the repo root, once:
+# Prepare them HERE, in the repo root, once (.gitignore keeps /.whl/ out of git):
 #
-#   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #       hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-#       rotary-embedding-torch==0.9.1
+#       typing-extensions==4.16.0 rotary-embedding-torch==0.9.1
 #   # DeepSpeed is published as a source archive only; build its pure-Python wheel (no ops, ~15 s):
 #   .venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 #
 # (pydantic-core must be the version this pydantic pins: `unzip -p .whl/pydantic-2*.whl '*/METADATA' | grep
-# pydantic-core`.) Then, with the device tool, from the repo root (carry .whl):
+# pydantic-core`; that pydantic-core needs typing_extensions.Sentinel, hence a recent typing-extensions.
+# Installed into a bare Python 3.12 here, these import.) Then, with the device tool, from the repo root
+# (carry .whl, 5 MB):
 #
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=330)
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=320)
 #
 # Without a GPU, the same phases in a reduced form (to know the script runs before device time is spent):
 #
@@ -33,7 +34,9 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 if [ -x .venv/bin/python ] && ! "$PY" -c 'import torch' 2>/dev/null; then PY=.venv/bin/python; fi
 
-if compgen -G ".whl/*.whl" >/dev/null; then
+# The carried wheels, where this Python lacks what they hold (a venv that has them, here, skips this).
+have='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("deepspeed", "rotary_embedding_torch", "hjson", "pydantic")))'
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "$have"; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -41,9 +44,10 @@ export PYTHONUNBUFFERED=1
 if command -v nvidia-smi >/dev/null; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true; fi
 "$PY" -c 'import torch, deepspeed, rotary_embedding_torch; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "cuda", torch.cuda.is_available())'
 
-# 290 s hard stop: the JSON is rewritten after every phase, so whatever finished is kept.
+# 270 s hard stop (with the install and imports above, the whole script stays under 5 minutes): the JSON
+# is rewritten after every phase, so whatever finished is kept.
 set +e
-timeout 290 "$PY" bench/gpu_check.py --out "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 270 "$PY" bench/gpu_check.py --out "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 status=${PIPESTATUS[0]}
 set -e
 echo "gpu_check exit status $status; results in $OUT/gpu_check.json"

@@ -23,7 +23,7 @@ from typing import Any
 
 from launcher.config import Config, ConfigError, load_config, parse_override
 from launcher.ds_config import DEFAULT_PRESET, load_preset, preset_files, preset_micro_batch, render
-from launcher.memory import (GIB, MemoryError_, MemoryEstimate, engine_settings, estimate, estimate_for,
+from launcher.memory import (GIB, MemoryEstimateError, MemoryEstimate, engine_settings, estimate, estimate_for,
                              fmt_bytes, largest_fitting_micro_batch)
 from launcher.plan import HOLDS, LR_RULES, AccumSpec, Plan, PlanError, PlanRequest, make_plan
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         plan, ds_config = plan_from_args(args, cfg, None, None, dataset_size=args.dataset_size)
         suggestion = suggest(args, cfg, plan, ds_config) if args.suggest else None
-    except (PlanError, ConfigError, MemoryError_) as e:
+    except (PlanError, ConfigError, MemoryEstimateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
@@ -189,7 +189,7 @@ def print_plan(plan: Plan, ds_config: dict[str, Any] | None = None, *, ds_spec: 
     if model_preset is not None and ds_config is not None:
         try:
             memory = estimate_for(plan, ds_config, model_preset)
-        except MemoryError_:
+        except MemoryEstimateError:
             memory = None  # a preset without a parameter count: the card shows the plan alone
     print_card(plan, ds_spec, ds_config, recipe=recipe, file=file, memory=memory)
 
@@ -296,7 +296,7 @@ def suggest(args: argparse.Namespace, cfg: Config, plan: Plan, ds_config: dict[s
     if best == per_gpu:
         bound = "global batch"
         room = (f"memory would allow micro-batch {limit}, but a larger one changes the global batch (and the LR): "
-                f"pass --global_batch for that" if limit > per_gpu else f"memory allows no more either")
+                f"pass --global_batch for that" if limit > per_gpu else "memory allows no more either")
         reason = f"accumulation is already 1: {g} samples per update / {w} GPUs = {per_gpu} per GPU; {room}"
     elif best == limit:
         nxt = estimate(preset, stage, precision, w, limit + 1, plan.segment_seconds, ds_config)

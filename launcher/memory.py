@@ -4,7 +4,7 @@ Pure like the planner: no torch or deepspeed import, no environment, no I/O. Num
 
 Model states per rank, for Ψ trainable parameters, N data-parallel ranks, p bytes per element of the
 model's dtype (fp32: 4, bf16/fp16: 2) and Adam (two fp32 moments, 8 bytes per parameter), as DeepSpeed
-0.19 lays them out (bench/bench_zero_memory.py counts the tensors each rank holds and agrees within 1 %):
+0.19 lays them out (bench/bench_zero_memory.py counts the tensors each rank holds: within 3.3 % at 2 ranks):
 
     stage  params        grads    optimizer states
     0      pΨ            pΨ       8Ψ (fp32)  or  12Ψ (bf16/fp16: fp32 master copy + moments)
@@ -33,7 +33,8 @@ for the whole run. They do not shrink with N and do not depend on the model (`re
 
 Activations grow with micro-batch × crop seconds; the constants below were measured once (see
 ACTIVATIONS). They count the tensors autograd saves for backward; the backward pass's transient
-buffers and the allocator's fragmentation are not in them, which is what `headroom` in `suggest` is for.
+buffers and the allocator's fragmentation are not in them, which is what the dry run's
+--memory_headroom (10 % by default) is for.
 """
 
 from __future__ import annotations
@@ -90,17 +91,17 @@ ACTIVATIONS: dict[tuple[str, str], Activations] = {
 }
 
 
-class MemoryError_(ValueError):
+class MemoryEstimateError(ValueError):
     """Input the estimate cannot use (unknown preset, stage or precision)."""
 
 
 def _check(stage: int, precision: str, world_size: int) -> None:
     if stage not in (0, 1, 2, 3):
-        raise MemoryError_(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+        raise MemoryEstimateError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
     if precision not in PRECISIONS:
-        raise MemoryError_(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise MemoryEstimateError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise MemoryError_(f"world_size must be a whole number >= 1, got {world_size!r}")
+        raise MemoryEstimateError(f"world_size must be a whole number >= 1, got {world_size!r}")
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,7 @@ def preset_params(preset: str) -> int:
     try:
         return PRESET_PARAMS[preset]
     except KeyError:
-        raise MemoryError_(f"no parameter count for model preset {preset!r}; known: "
+        raise MemoryEstimateError(f"no parameter count for model preset {preset!r}; known: "
                            f"{', '.join(sorted(PRESET_PARAMS))}") from None
 
 
@@ -254,7 +255,7 @@ def estimate(preset: str, stage: int, precision: str, world_size: int, micro_bat
     num_params = preset_params(preset)
     _check(stage, precision, world_size)
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
-        raise MemoryError_(f"micro_batch must be a whole number >= 1, got {micro_batch!r}")
+        raise MemoryEstimateError(f"micro_batch must be a whole number >= 1, got {micro_batch!r}")
     persist = persistent_params(preset, persistence_threshold(ds_config or {})) if stage == 3 else 0
     states = model_state_bytes(num_params, stage, precision, world_size, persist)
     buffers = reduce_bucket_bytes(ds_config or {}, stage, precision)
@@ -293,7 +294,7 @@ def largest_fitting_micro_batch(preset: str, stage: int, precision: str, world_s
     """The largest micro-batch whose estimate fits `budget_bytes` (0 if not even 1 fits)."""
     base = estimate(preset, stage, precision, world_size, 1, segment_seconds, ds_config)
     if base.activations is None:
-        raise MemoryError_(f"activations not measured for preset {preset!r}: cannot size a micro-batch")
+        raise MemoryEstimateError(f"activations not measured for preset {preset!r}: cannot size a micro-batch")
     a = ACTIVATIONS[(preset, "bf16" if precision == "fp16" else precision)]
     room = budget_bytes - base.total_without_activations - a.fixed
     per_sample = a.per_sample_second * segment_seconds

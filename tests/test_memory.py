@@ -20,7 +20,7 @@ from launcher.ds_config import load_preset
 from launcher.config import load_config
 from launcher.dry_run import build_parser, main, plan_from_args, suggest
 from launcher.plan import PlanError
-from launcher.memory import (ACTIVATIONS, GIB, PRESET_PARAMS, MemoryError_, estimate, largest_fitting_micro_batch,
+from launcher.memory import (ACTIVATIONS, GIB, PRESET_PARAMS, MemoryEstimateError, estimate, largest_fitting_micro_batch,
                              model_state_bytes, paper_model_state_bytes, reduce_bucket_bytes)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ def test_each_stage_holds_no_more_than_the_last(n: int, world: int, precision: s
                                  dict(world_size=True)])
 def test_bad_engine_settings_are_refused(bad: dict) -> None:
     args = {"num_params": 10, "stage": 0, "precision": "fp32", "world_size": 2, **bad}
-    with pytest.raises(MemoryError_):
+    with pytest.raises(MemoryEstimateError):
         model_state_bytes(**args)
 
 
@@ -136,9 +136,9 @@ def test_estimate_totals_and_errors() -> None:
     e = estimate(FULL, 2, "bf16", 8, 12, 4.0, load_preset("ds_configs/zero2.json"))
     assert e.total == e.states.total + e.buffers + e.activations
     assert e.to_dict()["total_bytes"] == e.total
-    with pytest.raises(MemoryError_, match="known: mossformer2_se_48k, small, tiny"):
+    with pytest.raises(MemoryEstimateError, match="known: mossformer2_se_48k, small, tiny"):
         estimate("huge", 0, "fp32", 2, 1, 4.0)
-    with pytest.raises(MemoryError_, match="micro_batch"):
+    with pytest.raises(MemoryEstimateError, match="micro_batch"):
         estimate(FULL, 0, "fp32", 2, 0, 4.0)
 
 
