@@ -55,3 +55,15 @@ def run_deepspeed(*train_args: str, nproc: int = 2, timeout: float = 600, **env)
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def run_dry_run(capsys, *argv: str) -> tuple[int, str, str]:
+    """`python -m launcher.plan ARGV` in process: (exit code, stdout, stderr)."""
+    from launcher.dry_run import main
+
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:  # argparse
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_dry_run
+
 from launcher.config import load_config
-from launcher.dry_run import add_plan_arguments, main, plan_from_args
+from launcher.dry_run import add_plan_arguments, plan_from_args
 from launcher.plan import Plan, PlanError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,12 +28,7 @@ def _in_repo_root(monkeypatch) -> None:
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_dry_run(capsys, *argv)
 
 
 def test_reference_defaults_card(capsys) -> None:

@@ -12,13 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import run_dry_run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from launcher import memory
 from launcher.ds_config import load_preset
 from launcher.config import load_config
-from launcher.dry_run import build_parser, main, plan_from_args, suggest
+from launcher.dry_run import build_parser, plan_from_args, suggest
 from launcher.plan import PlanError
 from launcher.memory import (ACTIVATIONS, GIB, PRESET_PARAMS, MemoryEstimateError, estimate, largest_fitting_micro_batch,
                              model_state_bytes, paper_model_state_bytes, reduce_bucket_bytes)
@@ -34,12 +36,7 @@ def _in_repo_root(monkeypatch) -> None:
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
+    return run_dry_run(capsys, *argv)
 
 
 # ---- model states --------------------------------------------------------------------------------
