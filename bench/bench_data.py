@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -32,6 +30,9 @@ import soundfile as sf
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine  # noqa: E402
 
 from data import CropDataset, CursorSampler, PairIndex, build_loader, validate  # noqa: E402
 from data.audio import read_window  # noqa: E402
@@ -212,16 +213,6 @@ def bench_validate(workdir: Path, pairs: int, repeats: int) -> dict:
     return {"pairs": pairs, "files": 2 * pairs, "uncached_s": median(cold), "cached_s": median(warm)}
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
 def main() -> None:

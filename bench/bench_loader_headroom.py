@@ -4,21 +4,25 @@ the data-wait share of step time in the demo run.
     .venv/bin/python -m data.demo runs/demo_corpus        # once
     .venv/bin/python bench/bench_loader_headroom.py [--repeats 3] [--out bench/results/loader_headroom.json]
 
+Loader set-ups, named by workers and whether the background prefetch thread (data/loader.py
+ThreadPrefetcher, at the recipe's data.loader_nice) takes the batches: "0" (reading in the rank), "1", "2"
+(worker processes), "0+thread" (the demo recipe's) and "1+thread".
+
 1. Delivery: one rank's loader as the demo recipe builds it (CropDataset over the demo corpus, 1 s crops,
-   CursorSampler micro-batch 4 of 2 ranks, build_loader with num_workers 1, prefetch 2), and with 0 and 2
-   workers, drained as fast as possible: audio-seconds per second (one audio-second = one second of a
-   noisy/clean pair), median over --repeats. Two such loaders at once (one per rank, as in training) too.
+   CursorSampler micro-batch 4 of 2 ranks, build_loader, prefetch 2) in each set-up, drained as fast as
+   possible: audio-seconds per second (one audio-second = one second of a noisy/clean pair), median over
+   --repeats. Two such loaders at once (one per rank, as in training) too.
 2. Consumption: the demo run itself: `deepspeed --num_gpus 2 launcher/train.py --ds_config
-   ds_configs/bs4.json --config recipes/demo_cpu.yaml` (6 epochs, validation on, the recipe's log interval,
-   a fresh run directory), then from its metrics.jsonl: audio_s_per_s_per_gpu (what one rank's training
-   consumes) and data_wait_share (the time spent waiting in the loader's next() over the logging
-   interval). The first interval (worker start-up, first batches) is reported separately.
+   ds_configs/bs4.json --config recipes/demo_cpu.yaml` (12 epochs, validation on, the recipe's log
+   interval, a fresh run directory), then from its metrics.jsonl: audio_s_per_s_per_gpu (what one rank's
+   training consumes) and data_wait_share (the time the loop spent waiting for its next batch over the
+   logging interval). The first interval (start-up, first batches) is reported separately.
 3. The floor under the wait: two processes each pulling micro-batches from their own loader while spinning
    on the CPU for the demo's measured compute time per micro-batch in between (as two training ranks on
-   two cores would), measuring the time spent inside next(): the data-wait share the loader costs even
-   when it is far ahead of the consumer.
+   two cores would), measuring the time spent getting each batch: the data-wait share a set-up costs even
+   when the loader has all the time it needs.
 
-Headroom = delivery (one rank's loader alone) / consumption (one rank's training).
+Headroom = delivery (each of two loaders) / consumption (one rank's training).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,30 +40,42 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine  # noqa: E402
 
 TRAIN_LIST = "runs/demo_corpus/train.lst"
 MICRO, WORLD, ACCUM = 4, 2, 2
 SEGMENT_SECONDS = 1.0
 
 
-def _loader(rank: int, workers: int, epoch: int):
-    from data import CropDataset, CursorSampler, PairIndex, build_loader
+SETUPS = {"0": (0, False), "1": (1, False), "2": (2, False), "0+thread": (0, True), "1+thread": (1, True)}
 
+
+def _loader(rank: int, setup: str, epoch: int):
+    from data import CropDataset, CursorSampler, PairIndex, ThreadPrefetcher, build_loader
+    from launcher.config import load_config
+
+    workers, thread = SETUPS[setup]
+    d = load_config(ROOT / "recipes" / "demo_cpu.yaml").data
     index = PairIndex.from_lists([str(ROOT / TRAIN_LIST)])
     dataset = CropDataset(index, segment_seconds=SEGMENT_SECONDS, seed=777)
     sampler = CursorSampler(len(dataset), MICRO, rank, WORLD, seed=777, epoch_quantum=MICRO * ACCUM * WORLD)
     sampler.set_epoch(epoch)
-    return build_loader(dataset, sampler, num_workers=workers, pin_memory=False, persistent_workers=False,
-                        prefetch_factor=2), len(sampler)
+    loader = build_loader(dataset, sampler, num_workers=workers, pin_memory=False, persistent_workers=False,
+                          prefetch_factor=2, nice=d.loader_nice)
+    if thread:
+        loader = ThreadPrefetcher(loader, max(1, d.thread_prefetch), nice=d.loader_nice)
+    return loader, len(sampler)
 
 
-def delivery(rank: int, workers: int, epoch: int, queue=None) -> tuple[float, float]:
+def delivery(rank: int, setup: str, epoch: int, queue=None) -> tuple[float, float]:
     """(audio-seconds/s after the first batch, seconds to the first batch) over one epoch of this rank."""
     import torch
 
     torch.set_num_threads(1)
     start = time.perf_counter()
-    loader, batches = _loader(rank, workers, epoch)
+    loader, batches = _loader(rank, setup, epoch)
     it = iter(loader)
     next(it)
     first = time.perf_counter()
@@ -74,18 +89,22 @@ def delivery(rank: int, workers: int, epoch: int, queue=None) -> tuple[float, fl
 
 
 def _spin(seconds: float) -> None:
+    """Keep this thread's core busy for `seconds` the way a training step does: a stream of small torch ops,
+    each releasing the GIL while it computes (a pure-Python loop would hold it and starve a loading thread)."""
+    import torch
+
+    a = torch.rand(96, 96)
     end = time.perf_counter() + seconds
-    x = 0
     while time.perf_counter() < end:
-        x += 1
+        torch.mm(a, a)
 
 
-def consumer(rank: int, workers: int, compute_s: float, epoch: int, queue) -> None:
+def consumer(rank: int, setup: str, compute_s: float, epoch: int, queue) -> None:
     """Pull one epoch of micro-batches, spinning compute_s on the CPU after each; time spent in next()."""
     import torch
 
     torch.set_num_threads(1)
-    loader, _ = _loader(rank, workers, epoch)
+    loader, _ = _loader(rank, setup, epoch)
     it = iter(loader)
     next(it)  # start-up is not steady state
     _spin(compute_s)
@@ -143,13 +162,6 @@ def demo_run(port: int, run_dir: Path) -> dict:
     }
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    for line in open("/proc/cpuinfo"):
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def main() -> int:
@@ -168,15 +180,15 @@ def main() -> int:
     alone: dict[str, list] = {}
     pair: dict[str, list] = {}
     for r in range(args.repeats):
-        for workers in (0, 1, 2):
-            alone.setdefault(str(workers), []).append(run_parallel(delivery, [(0, workers, r)])[0])
-            both = run_parallel(delivery, [(0, workers, r), (1, workers, r)])
-            pair.setdefault(str(workers), []).append(min(x[0] for x in both))
+        for setup in SETUPS:
+            alone.setdefault(setup, []).append(run_parallel(delivery, [(0, setup, r)])[0])
+            both = run_parallel(delivery, [(0, setup, r), (1, setup, r)])
+            pair.setdefault(setup, []).append(min(x[0] for x in both))
     result["delivery_audio_s_per_s"] = {
         w: {"one_loader": statistics.median(x[0] for x in v), "first_batch_s": statistics.median(x[1] for x in v),
             "each_of_two_loaders": statistics.median(pair[w])} for w, v in alone.items()}
     for w, d in result["delivery_audio_s_per_s"].items():
-        print(f"delivery, {w} worker(s): {d['one_loader']:.0f} audio-s/s alone, {d['each_of_two_loaders']:.0f} each "
+        print(f"delivery, {w}: {d['one_loader']:.0f} audio-s/s alone, {d['each_of_two_loaders']:.0f} each "
               f"when two loaders run (first batch after {d['first_batch_s']:.2f} s)", flush=True)
 
     # 2. consumption and the wait share, from the demo run's own metrics
@@ -199,15 +211,13 @@ def main() -> int:
     # 3. the floor: time inside next() when the consumer computes for as long as a demo micro-batch takes
     compute_s = MICRO * SEGMENT_SECONDS / consumed
     floor = {}
-    for workers in (0, 1):
-        runs = [run_parallel(consumer, [(0, workers, compute_s, r), (1, workers, compute_s, r)])
+    for setup in SETUPS:
+        runs = [run_parallel(consumer, [(0, setup, compute_s, r), (1, setup, compute_s, r)])
                 for r in range(args.repeats)]
-        floor[str(workers)] = {"share": statistics.median(max(x["share"] for x in run) for run in runs),
-                               "median_wait_ms": 1e3 * statistics.median(max(x["median_wait_s"] for x in run)
-                                                                         for run in runs)}
-        print(f"next() with {workers} worker(s) while two consumers spin {1e3 * compute_s:.0f} ms per micro-batch: "
-              f"{floor[str(workers)]['median_wait_ms']:.2f} ms median, share {100 * floor[str(workers)]['share']:.2f} %",
-              flush=True)
+        floor[setup] = {"share": statistics.median(max(x["share"] for x in run) for run in runs),
+                        "median_wait_ms": 1e3 * statistics.median(max(x["median_wait_s"] for x in run) for run in runs)}
+        print(f"next() in set-up {setup} while two consumers spin {1e3 * compute_s:.0f} ms per micro-batch: "
+              f"{floor[setup]['median_wait_ms']:.2f} ms median, share {100 * floor[setup]['share']:.2f} %", flush=True)
     result["wait_floor"] = {"compute_s_per_micro_batch": compute_s, **floor}
     result["goal"] = "data_wait_share <= 2 %"
 
@@ -218,13 +228,13 @@ def main() -> int:
     t.add_column("measure")
     t.add_column("value", justify="right")
     for w, d in result["delivery_audio_s_per_s"].items():
-        t.add_row(f"delivered, {w} worker(s), each of two loaders", f"{d['each_of_two_loaders']:.0f} audio-s/s")
+        t.add_row(f"delivered, set-up {w}, each of two loaders", f"{d['each_of_two_loaders']:.0f} audio-s/s")
     t.add_row("consumed by one rank's training (demo run)", f"{consumed:.1f} audio-s/s")
     for w, h in result["headroom"].items():
-        t.add_row(f"headroom, {w} worker(s)", f"{h:.1f}×")
+        t.add_row(f"headroom, set-up {w}", f"{h:.1f}×")
     t.add_row("data_wait_share in the demo run (median of intervals)", f"{100 * wait_share:.2f} %")
     for w, f in floor.items():
-        t.add_row(f"wait floor, {w} worker(s) (loader far ahead)", f"{100 * f['share']:.2f} %")
+        t.add_row(f"wait floor, set-up {w}", f"{100 * f['share']:.2f} %")
     Console().print(t)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

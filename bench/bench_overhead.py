@@ -1,17 +1,20 @@
 """Launcher overhead: samples/s of our training loop against a minimal DeepSpeed loop and plain PyTorch DDP.
 
     .venv/bin/python -m data.demo runs/demo_corpus        # once
-    .venv/bin/python bench/bench_overhead.py [--rounds 3] [--steps 40] [--warmup 8] [--profile] \\
-        [--out bench/results/overhead.json]
+    .venv/bin/python bench/bench_overhead.py [--rounds 3] [--steps 48] [--log_interval 4] [--warmup 8] \\
+        [--profile] [--out bench/results/overhead.json]
 
 Three 2-rank CPU runs (DS_ACCELERATOR=cpu, OMP_NUM_THREADS=1), all on the tiny preset, micro-batch 4,
 accumulation 2, fp32, Adam, 1 s crops of the demo corpus, features computed inside the step:
 
 - ours:    `deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/bs4.json --config
-           recipes/demo_cpu.yaml train.max_steps=N train.log_interval_steps=1 data.valid_list=none
-           train.progress_bar=false` (ZeRO 0: the preset names no stage); per-step throughput from the
-           timestamps of its metrics.jsonl (wall time between consecutive optimizer steps, so logging, data
-           loading and everything else the loop does is inside), and its own samples_per_s alongside;
+           recipes/demo_cpu.yaml train.max_steps=N train.log_interval_steps=K data.valid_list=none
+           train.progress_bar=false` (ZeRO 0: the preset names no stage), reading its crops from the WAV
+           files as training does; per-step time from the timestamps of its metrics.jsonl records (the wall
+           time of a logging interval divided by its steps, so the logging itself, data loading and
+           everything else the loop does is inside), and its own samples_per_s alongside. K defaults to 4:
+           a logging interval like a user's (our default is 10, the demo's 5), where logging every step
+           would time the logging more than the loop;
 - ds_loop: the same engine settings (the rendered bs4.json preset) in a hand-written loop of
            engine(features) → mask_loss → engine.backward → engine.step, under the same `deepspeed`
            launcher, with the demo corpus decoded and normalised into memory first and random crops cut
@@ -29,10 +32,13 @@ per sample, sampled every 50 ms and cut at the same step boundaries: it measures
 and hardly moves when other processes take the cores, which on a shared 2-core machine moves wall-clock
 throughput by ±30 % from run to run.
 
---profile adds the variants that locate ours' overhead: ours with data.num_workers=0 (the loader in the
-training process) and the minimal loop with (a) the per-micro-batch all-reduce of loss/non-finite/stop
-flags that launcher/train.py does, (b) our DataLoader (CropDataset + CursorSampler + build_loader with the
-demo recipe's settings) instead of in-memory crops.
+--profile adds the variants that locate ours' overhead: ours with a loader worker process
+(data.num_workers=1), ours without the background prefetch thread (data.thread_prefetch=0), ours logging
+every step (train.log_interval_steps=1: a JSONL record, TensorBoard scalars, a log line and, at ZeRO-0 fp32,
+the gradient norm each step); the minimal loop with (a) what launcher/train.py adds for its bookkeeping (a
+local finiteness test per micro-batch and one all-reduce of [loss, finite, bad, stop] per optimizer step),
+(b) our data pipeline with the demo recipe's data settings (CropDataset + CursorSampler + build_loader +
+ThreadPrefetcher) instead of in-memory crops.
 
 All runs execute in a snapshot of the working tree (launcher/, model/, data/, ds_configs/, recipes/,
 bench/) copied when the benchmark starts, so that edits made meanwhile (others work in this tree) cannot
@@ -46,7 +52,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -56,6 +61,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PRESET = "tiny"
@@ -107,16 +115,20 @@ class InMemoryCrops:
 
 
 class OurLoader:
-    """The training path's data pipeline with the demo recipe's settings, as an endless batch source."""
+    """The training path's data pipeline with the demo recipe's data settings, as an endless batch source."""
 
     def __init__(self, rank: int, world: int) -> None:
-        from data import CropDataset, CursorSampler, PairIndex, build_loader
+        from data import CropDataset, CursorSampler, PairIndex, ThreadPrefetcher, build_loader
+        from launcher.config import load_config
 
+        d = load_config(RECIPE).data
         index = PairIndex.from_lists([TRAIN_LIST])
         dataset = CropDataset(index, segment_seconds=SEGMENT_SECONDS, seed=777)
         self.sampler = CursorSampler(len(dataset), MICRO, rank, world, seed=777, epoch_quantum=MICRO * ACCUM * world)
-        self.loader = build_loader(dataset, self.sampler, num_workers=1, pin_memory=False, persistent_workers=True,
-                                   prefetch_factor=2)
+        loader = build_loader(dataset, self.sampler, num_workers=d.num_workers, pin_memory=False,
+                              persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+                              nice=d.loader_nice)
+        self.loader = ThreadPrefetcher(loader, d.thread_prefetch, nice=d.loader_nice) if d.thread_prefetch else loader
         self.it = iter(self.loader)
 
     def batch(self, size: int):
@@ -132,6 +144,26 @@ class OurLoader:
 
 def _source(kind: str, rank: int, world: int):
     return OurLoader(rank, world) if kind == "loader" else InMemoryCrops(TRAIN_LIST, SEGMENT_SECONDS, seed=rank)
+
+
+class StepClock:
+    """Per-optimizer-step wall times and end stamps of a worker loop; rank 0 writes them for the driver."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.stamps: list[float] = []
+        self.t = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        self.times.append(now - self.t)
+        self.stamps.append(time.time())
+        self.t = now
+
+    def write(self, rank: int, path: str, samples_per_step: int) -> None:
+        if rank == 0:
+            Path(path).write_text(json.dumps({"step_s": self.times, "stamps": self.stamps,
+                                              "samples_per_step": samples_per_step}))
 
 
 def worker_ds(args: argparse.Namespace) -> None:
@@ -154,27 +186,26 @@ def worker_ds(args: argparse.Namespace) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=cfg)
     source = _source(args.data, rank, world)
-    times, stamps, t = [], [], time.perf_counter()
+    clock = StepClock()
     for _ in range(args.steps):
+        window = torch.zeros(4, dtype=torch.float64)
         for _ in range(ACCUM):
             noisy, clean = source.batch(MICRO)
             loss = mask_loss(engine(compute_features(noisy, dither=1.0)), noisy, clean)
-            if args.flags:  # what launcher/train.py adds per micro-batch
-                finite = torch.isfinite(loss)
-                flags = torch.stack([torch.where(finite, loss.detach().float(), torch.zeros_like(loss)),
-                                     (~finite).float(), torch.tensor(0.0)])
-                dist.all_reduce(flags)
-                flags.tolist()
+            if args.flags:  # what launcher/train.py adds: a local finiteness test per micro-batch ...
+                if not torch.isfinite(loss):
+                    raise SystemExit("non-finite loss in the benchmark")
+                window[0] += loss.detach().double()
+                window[1] += 1
             engine.backward(loss)
+            if args.flags and engine.is_gradient_accumulation_boundary():
+                dist.all_reduce(window)  # ... and one all-reduce of [loss, finite, bad, stop] per step
+                window.tolist()
             engine.step()
-        now = time.perf_counter()
-        times.append(now - t)
-        stamps.append(time.time())
-        t = now
-    if rank == 0:
-        Path(args.result).write_text(json.dumps({"step_s": times, "stamps": stamps,
-                                                 "samples_per_step": MICRO * ACCUM * world}))
+        clock.tick()
+    clock.write(rank, args.result, MICRO * ACCUM * world)
     dist.barrier()
+    dist.destroy_process_group()
 
 
 def worker_ddp(args: argparse.Namespace) -> None:
@@ -198,7 +229,7 @@ def worker_ddp(args: argparse.Namespace) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=LR, betas=tuple(opt_params["betas"]), eps=opt_params["eps"], weight_decay=0.0)
     source = _source(args.data, rank, world)
-    times, stamps, t = [], [], time.perf_counter()
+    clock = StepClock()
     for _ in range(args.steps):
         for i in range(ACCUM):
             noisy, clean = source.batch(MICRO)
@@ -208,13 +239,8 @@ def worker_ddp(args: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        now = time.perf_counter()
-        times.append(now - t)
-        stamps.append(time.time())
-        t = now
-    if rank == 0:
-        Path(args.result).write_text(json.dumps({"step_s": times, "stamps": stamps,
-                                                 "samples_per_step": MICRO * ACCUM * world}))
+        clock.tick()
+    clock.write(rank, args.result, MICRO * ACCUM * world)
     dist.destroy_process_group()
 
 
@@ -315,27 +341,32 @@ def cpu_per_step(samples: list[tuple[float, float]], stamps: list[tuple[int, flo
     return [(step, _cpu_at(samples, end) - _cpu_at(samples, start)) for step, start, end in stamps]
 
 
-def run_ours(steps: int, port: int, tmp: Path, extra: list[str]) -> dict:
+def run_ours(steps: int, port: int, tmp: Path, extra: list[str], log_interval: int) -> dict:
+    """One run of launcher/train.py; its step times come from the metrics.jsonl records, one per logging
+    interval (the time of an interval divided by its steps)."""
     run_dir = tmp / f"ours_{port}"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launcher/train.py",
            "--ds_config", DS_SPEC, "--config", RECIPE, "--run_dir", str(run_dir), f"train.max_steps={steps}",
-           "train.log_interval_steps=1", "data.valid_list=none", "train.progress_bar=false", *extra]
+           f"train.log_interval_steps={log_interval}", "data.valid_list=none", "train.progress_bar=false", *extra]
     wall, samples = _run(cmd, timeout=600)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]
-    step_s, crossing, reported, waits, windows = [], [], [], [], []
+    step_s, crossing, reported, waits, windows, sizes = [], [], [], [], [], []
     for prev, cur in zip(train, train[1:]):
-        if cur["step"] != prev["step"] + 1:
+        n = cur["step"] - prev["step"]
+        per_step = (cur["time"] - prev["time"]) / n
+        if cur["epoch"] != prev["epoch"]:  # the interval holds an epoch end (and its checkpoint)
+            crossing.append((cur["step"], per_step))
             continue
-        (crossing if cur["epoch"] != prev["epoch"] else step_s).append((cur["step"], cur["time"] - prev["time"]))
-        if cur["epoch"] == prev["epoch"]:
-            windows.append((cur["step"], prev["time"], cur["time"]))
+        step_s.append((cur["step"], per_step))
+        windows.append((cur["step"], prev["time"], cur["time"]))
+        sizes.append(n)
     for r in train:
         reported.append((r["step"], r["samples_per_s"]))
         waits.append((r["step"], r["data_wait_share"]))
+    cpu = [(step, c / n) for (step, c), n in zip(cpu_per_step(samples, windows), sizes)]
     return {"step_s": step_s, "epoch_crossing_step_s": crossing, "reported_samples_per_s": reported,
-            "data_wait_share": waits, "samples_per_step": 16, "wall_s": wall,
-            "cpu_step_s": cpu_per_step(samples, windows)}
+            "data_wait_share": waits, "samples_per_step": 16, "wall_s": wall, "cpu_step_s": cpu}
 
 
 def run_worker(kind: str, steps: int, port: int, tmp: Path, flags: bool, data: str) -> dict:
@@ -363,16 +394,6 @@ def throughput(run: dict, warmup: int, quantile: float = 0.5) -> float:
     return run["samples_per_step"] / t
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
 def main() -> int:
@@ -383,7 +404,9 @@ def main() -> int:
     ap.add_argument("--data", choices=("memory", "loader"), default="memory", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by `deepspeed`
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, default=48, help="optimizer steps per run")
+    ap.add_argument("--log_interval", type=int, default=4,
+                    help="ours' train.log_interval_steps: its step times are per logging interval")
     ap.add_argument("--warmup", type=int, default=8, help="optimizer steps dropped at the start of each run")
     ap.add_argument("--profile", action="store_true", help="also the variants that locate the overhead")
     ap.add_argument("--port", type=int, default=29740, help="first master port (one per run, counting up)")
@@ -399,13 +422,15 @@ def main() -> int:
         raise SystemExit(f"{TRAIN_LIST} is missing: run `.venv/bin/python -m data.demo runs/demo_corpus` first")
 
     contenders = {
-        "ours": lambda port, tmp: run_ours(args.steps, port, tmp, []),
+        "ours": lambda port, tmp: run_ours(args.steps, port, tmp, [], args.log_interval),
         "ds_loop": lambda port, tmp: run_worker("ds", args.steps, port, tmp, False, "memory"),
         "ddp": lambda port, tmp: run_worker("ddp", args.steps, port, tmp, False, "memory"),
     }
     if args.profile:
         contenders.update({
-            "ours_workers0": lambda port, tmp: run_ours(args.steps, port, tmp, ["data.num_workers=0"]),
+            "ours_workers1": lambda port, tmp: run_ours(args.steps, port, tmp, ["data.num_workers=1"], args.log_interval),
+            "ours_no_thread": lambda port, tmp: run_ours(args.steps, port, tmp, ["data.thread_prefetch=0"], args.log_interval),
+            "ours_log_every_step": lambda port, tmp: run_ours(args.steps, port, tmp, [], 1),
             "ds_loop_flags": lambda port, tmp: run_worker("ds", args.steps, port, tmp, True, "memory"),
             "ds_loop_loader": lambda port, tmp: run_worker("ds", args.steps, port, tmp, False, "loader"),
         })
@@ -460,9 +485,9 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace, code_hashes
                 "p10_median_of_round_ratios": statistics.median(per_round_p10), "p10_per_round": per_round_p10,
                 "cpu_median_of_round_ratios": statistics.median(per_round_cpu), "cpu_per_round": per_round_cpu}
 
-    wanted = [("ours", "ds_loop"), ("ours", "ddp"), ("ds_loop", "ddp"), ("ours_workers0", "ds_loop"),
-              ("ds_loop_flags", "ds_loop"), ("ds_loop_loader", "ds_loop"), ("ours", "ds_loop_loader"),
-              ("ours", "ours_workers0")]
+    wanted = [("ours", "ds_loop"), ("ours", "ddp"), ("ds_loop", "ddp"), ("ds_loop_flags", "ds_loop"),
+              ("ds_loop_loader", "ds_loop"), ("ours", "ds_loop_loader"), ("ours", "ours_workers1"),
+              ("ours", "ours_no_thread"), ("ours_log_every_step", "ds_loop"), ("ours", "ours_log_every_step")]
     ratios = {f"{a}_vs_{b}": ratio(a, b) for a, b in wanted if runs.get(a) and runs.get(b)}
     ours_extra = {}
     for name in [n for n in names if n.startswith("ours")]:
@@ -496,7 +521,8 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace, code_hashes
                   f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
                   f"{v['epoch_crossing_step_s_median']} s")
     return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "complete": complete, "rounds": args.rounds,
-            "steps": args.steps, "warmup": args.warmup, "code_sha256": code_hashes,
+            "steps": args.steps, "warmup": args.warmup, "log_interval": args.log_interval,
+            "code_sha256": code_hashes,
             "median_samples_per_s": med, "p10_samples_per_s": med_p10, "median_cpu_s_per_sample": med_cpu,
             "ratios": ratios, "ours": ours_extra, "goals": {"ours_vs_ds_loop": ">= 0.97", "ours_vs_ddp": ">= 0.95"},
             "runs": {n: [{"samples_per_s": r["samples_per_s"], "samples_per_s_p10": r["samples_per_s_p10"],

@@ -294,6 +294,7 @@ def main() -> int:
     if rank == 0:
         report(rows, args, world, time.perf_counter() - t0)
     dist.barrier()
+    dist.destroy_process_group()  # not left to interpreter exit, where gloo can abort the process
     return 0
 
 

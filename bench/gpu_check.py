@@ -336,6 +336,10 @@ def main() -> int:
                      f"{est.total_without_activations / 2**30:.2f}), peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
                      f"(estimate {est.total / 2**30:.2f})" if "peak_memory_bytes" in r else ""), flush=True)
 
+    if stages:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # not left to interpreter exit, where gloo can abort the process
     for v in variants:  # torch.compile last: its compile time is the least predictable
         if v.endswith("compile"):
             variant(v)

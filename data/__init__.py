@@ -16,6 +16,7 @@ _EXPORTS = {
     "EvalSampler": "sampler",
     "PairIndex": "index",
     "Problem": "validation",
+    "ThreadPrefetcher": "loader",
     "ValidationReport": "validation",
     "batches_per_epoch": "sampler",
     "build_loader": "loader",
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from .demo_corpus import make_demo_corpus
     from .errors import DataError
     from .index import PairIndex
-    from .loader import build_loader
+    from .loader import ThreadPrefetcher, build_loader
     from .sampler import CursorSampler, EvalSampler, batches_per_epoch
     from .validation import Problem, ValidationReport, validate
 

@@ -2,15 +2,32 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import queue
 import random
-from typing import Iterable
+import sys
+import threading
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 
-def _seed_worker(worker_id: int) -> None:
+def lower_priority(nice: int) -> None:
+    """Lower the calling thread's CPU priority by ``nice`` (0: unchanged). Linux only; elsewhere a no-op.
+
+    Loading runs beside the training loop on the same cores. Where cores are oversubscribed (2 ranks on
+    2 cores, or many workers per GPU), the scheduler then runs the loop whenever it is runnable and the
+    loading in the gaps; where cores are spare, nice changes nothing. On Linux a thread's nice value is its
+    own (POSIX would apply it to the whole process, hence the platform check); raising it needs no privilege.
+    """
+    if nice and sys.platform.startswith("linux"):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+
+
+def _init_worker(nice: int, worker_id: int) -> None:
     # Crops do not depend on worker RNG (see CropDataset), but anything else random in a worker should be
     # reproducible too; torch already seeded itself from the loader's generator. One thread per worker: the
     # workers are the parallelism, and N workers x M torch threads would oversubscribe the cores.
@@ -18,6 +35,7 @@ def _seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     torch.set_num_threads(1)
+    lower_priority(nice)
 
 
 def collate(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
@@ -41,13 +59,15 @@ def build_loader(
     persistent_workers: bool = True,
     prefetch_factor: int = 2,
     seed: int | None = None,
+    nice: int = 0,
 ) -> DataLoader:
     """A DataLoader yielding ``(noisy (B, L), clean (B, L))`` float32 (plus ``weight (B,)`` with EvalSampler).
 
     ``num_workers=0`` reads in the training process (``persistent_workers``/``prefetch_factor`` do not apply
     then and are ignored). ``pin_memory`` applies only where CUDA is available (pinned host memory is for
     host-to-GPU copies). Worker seeds derive from ``seed`` (default: the dataset's seed) and the sampler's rank,
-    so they are the same on every run.
+    so they are the same on every run. Workers run ``nice`` levels below the calling process (see
+    ``lower_priority``).
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -56,7 +76,8 @@ def build_loader(
     generator.manual_seed(base * 1_000_003 + int(getattr(batch_sampler, "rank", 0)))
     extra = {}
     if num_workers > 0:
-        extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor, worker_init_fn=_seed_worker)
+        extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
+                     worker_init_fn=functools.partial(_init_worker, nice))
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
@@ -66,3 +87,92 @@ def build_loader(
         generator=generator,
         **extra,
     )
+
+
+class ThreadPrefetcher:
+    """Iterates ``loader`` in a background thread of this process, keeping up to ``depth`` batches ready.
+
+    The training loop then takes a ready batch from a queue instead of waiting in ``next()``: with
+    ``num_workers=0`` the reading, cropping and collating move off the loop's path; with workers, the
+    hand-over (receiving each batch's shared-memory tensors from the worker) does. The thread mostly waits in
+    C code that releases the GIL (file reads, numpy, torch), so it costs the loop little. With ``nice`` the
+    thread runs at a lower CPU priority than the loop (see ``lower_priority``).
+
+    Each ``iter()`` creates the loader's iterator in the caller's thread, so a sampler snapshots its position
+    there, and starts reading at once: an iterator made before it is needed (the next epoch's, during
+    validation) has its first batches ready when the loop starts. Leaving the loop early (``break``, an
+    exception) or dropping the iterator stops and joins the thread; ``close()`` does so explicitly. Errors
+    raised while loading are re-raised in the loop, with their original traceback.
+    """
+
+    def __init__(self, loader: Iterable, depth: int = 2, nice: int = 0) -> None:
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.loader, self.depth, self.nice = loader, depth, nice
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __iter__(self) -> "Prefetching":
+        return Prefetching(iter(self.loader), self.depth, self.nice)
+
+
+_END = object()
+
+
+class Prefetching:
+    """One pass of a ThreadPrefetcher: its thread starts at creation and stops at the end of the pass, on
+    ``close()`` or when the iterator is dropped (the thread holds no reference to it)."""
+
+    def __init__(self, source: Iterator[Any], depth: int, nice: int) -> None:
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=_produce, args=(source, self._ready, self._stop, nice),
+                                        name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "Prefetching":
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        item = self._ready.get()
+        if item is _END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._done = True
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __del__(self) -> None:
+        if hasattr(self, "_thread"):
+            self.close()
+
+
+def _produce(source: Iterator[Any], ready: queue.Queue, stop: threading.Event, nice: int) -> None:
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    try:
+        lower_priority(nice)
+        for item in source:
+            if not put(item):
+                return
+        put(_END)
+    except BaseException as e:  # noqa: BLE001 - handed to the consuming thread
+        put(e)

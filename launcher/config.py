@@ -42,6 +42,23 @@ class DataSection:
     pin_memory: bool = True
     persistent_workers: bool = True
     prefetch_factor: int = 2
+    # Batches a background thread in each rank keeps ready for the loop (data/loader.py ThreadPrefetcher);
+    # 0 takes them straight from the DataLoader.
+    thread_prefetch: int = 2
+    # How many nice levels below the training loop the loading (prefetch thread, workers) runs (Linux). On
+    # CPU ranks that compute on every core (the demo) 19 lets the loop go first; 0 by default, because a GPU
+    # rank may spin-wait on its device at normal priority and would then starve niced workers.
+    loader_nice: int = 0
+
+    def __post_init__(self) -> None:
+        for key, low, high in (("num_workers", 0, None), ("prefetch_factor", 1, None), ("thread_prefetch", 0, None),
+                               ("loader_nice", 0, 19)):
+            value = getattr(self, key)
+            if value < low or (high is not None and value > high):
+                span = f"between {low} and {high}" if high is not None else f">= {low}"
+                raise ConfigError(f"data.{key} must be {span}, got {value}")
+        if not self.segment_seconds > 0:
+            raise ConfigError(f"data.segment_seconds must be > 0, got {self.segment_seconds}")
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     if env.rank == 0:
-        print_plan(plan, ds_config)
+        print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset)
     if args.dry_run:
         return 0
     if env.source == "single":
@@ -155,7 +155,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from data import CropDataset, CursorSampler, DataError, EvalSampler, build_loader, validate
+        from data import CropDataset, CursorSampler, DataError, EvalSampler, ThreadPrefetcher, build_loader, validate
 
         d = self.cfg.data
         if not d.train_list:
@@ -184,8 +184,10 @@ class Trainer:
             return index
 
         def loader(dataset, sampler):
-            return build_loader(dataset, sampler, num_workers=d.num_workers, pin_memory=d.pin_memory,
-                                persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor)
+            batches = build_loader(dataset, sampler, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                                   persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+                                   nice=d.loader_nice)
+            return ThreadPrefetcher(batches, d.thread_prefetch, nice=d.loader_nice) if d.thread_prefetch else batches
 
         common = dict(segment_seconds=d.segment_seconds, sample_rate_hz=d.sample_rate_hz, normalize=d.normalize,
                       resample=d.resample, seed=self.cfg.train.seed)
@@ -328,58 +330,64 @@ class Trainer:
         world, micro = self.env.world_size, plan.micro_batch
         segment_s = self.cfg.data.segment_seconds
 
-        exit_code, stop = 0, False
+        exit_code, stop, upcoming = 0, False, None
         while self.sampler.epoch < tcfg.max_epoch and not stop:
             epoch = self.sampler.epoch
             total_micro = self.sampler.batches_per_epoch
             self.metrics.start_epoch(epoch, total_micro, self.sampler.cursor // (micro * world))
-            window_bad, interval = False, self._new_interval()
+            interval = self._new_interval()
+            window = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, finite n, bad n, stop
             t_ready = time.perf_counter()
             engine.train()
-            for noisy, clean in self.train_loader:
+            batches, upcoming = upcoming if upcoming is not None else iter(self.train_loader), None
+            for noisy, clean in batches:
                 interval["wait"] += time.perf_counter() - t_ready
                 noisy = noisy.to(self.device, non_blocking=True)
                 clean = clean.to(self.device, non_blocking=True)
                 feats = compute_features(noisy, dither=1.0).to(self.input_dtype)
                 mask = engine(feats)
                 loss = mask_loss(mask, noisy, clean)
-                # One small all-reduce per micro-batch: the loss for logging, whether any rank saw a
-                # non-finite loss (then every rank skips it alike), and whether any rank was asked to stop.
                 finite = torch.isfinite(loss)
-                flags = torch.stack([torch.where(finite, loss.detach().float(), torch.zeros_like(loss, dtype=torch.float32)),
-                                     (~finite).float(), torch.tensor(float(preempt.requested), device=loss.device)])
-                dist.all_reduce(flags)
-                loss_sum, bad, stop_votes = flags.tolist()
-                if bad:
-                    # Backpropagating through a NaN graph poisons every rank's gradients, so all ranks
-                    # replace this micro-batch by an exactly-zero contribution from a clean forward.
+                if not finite:
+                    # Backpropagating through a NaN graph would poison the gradients (and with them every
+                    # rank's after the reduction): this rank contributes an exactly-zero gradient instead,
+                    # and the step's all-reduce below makes every rank skip the whole window alike.
                     loss = engine(torch.zeros_like(feats)).float().sum() * 0.0
-                    window_bad = True
+                    window[2] += 1
+                else:
+                    window[0] += loss.detach().double()
+                    window[1] += 1
                 engine.backward(loss)
-                boundary = engine.is_gradient_accumulation_boundary()
-                if boundary:
-                    # A window with a skipped micro-batch is skipped whole: LR 0 leaves the weights as they were.
-                    lr = 0.0 if window_bad else self.schedule.lr(engine.global_steps)
-                    for group in engine.optimizer.param_groups:
-                        group["lr"] = lr
-                    if self.zero_stage == 0 and self.engine.get_global_grad_norm() is None:
-                        # DeepSpeed reports the clipped norm only from its ZeRO/mixed-precision optimizers;
-                        # for a plain fp32 optimizer take it here from the already all-reduced gradients.
-                        self._fp32_grad_norm = self._grad_norm()
-                engine.step()
                 self.sampler.advance(1)
                 interval["micro"] += 1
-                if not bad:
-                    interval["loss_sum"] += loss_sum / world
-                    interval["loss_n"] += 1
                 self.metrics.micro(None, 0.0, 0.0)
-                if not boundary:
+                if not engine.is_gradient_accumulation_boundary():
+                    engine.step()  # counts the micro-batch; DeepSpeed steps the optimizer only at the boundary
                     t_ready = time.perf_counter()
                     continue
+                # One small all-reduce per optimizer step (the only sync point a plain DeepSpeed loop has
+                # besides the gradients): the window's loss for logging, whether any rank saw a non-finite
+                # loss (then every rank skips the step alike), and whether any rank was asked to stop.
+                window[3] = float(preempt.requested)
+                dist.all_reduce(window)
+                loss_sum, loss_n, bad, stop_votes = window.tolist()
+                window.zero_()
+                # A window with a non-finite micro-batch is skipped whole: LR 0 leaves the weights as they were.
+                lr = 0.0 if bad else self.schedule.lr(engine.global_steps)
+                for group in engine.optimizer.param_groups:
+                    group["lr"] = lr
+                interval["loss_sum"] += loss_sum
+                interval["loss_n"] += loss_n
+                logging_step = self._is_log_step(engine.global_steps + 1)
+                if logging_step and self.zero_stage == 0 and engine.get_global_grad_norm() is None:
+                    # DeepSpeed reports the clipped norm only from its ZeRO/mixed-precision optimizers; for a
+                    # plain fp32 optimizer take it from the already all-reduced gradients, on logging steps only.
+                    self._fp32_grad_norm = self._grad_norm()
+                engine.step()
                 # ---- an optimizer step just finished ----
                 step = engine.global_steps
                 self.counters["samples_seen"] += plan.global_batch
-                if window_bad:
+                if bad:
                     self.counters["skipped_steps"] += 1
                     self.counters["consecutive_bad"] += 1
                     self.metrics.print(f"[nonfinite] step {step}: non-finite loss on some rank; step skipped "
@@ -392,10 +400,9 @@ class Trainer:
                         )
                 else:
                     self.counters["consecutive_bad"] = 0
-                if step % tcfg.log_interval_steps == 0 or step == 1:
+                if logging_step:
                     self._log_train(epoch, step, lr, interval, micro, world, segment_s)
                     interval = self._new_interval()
-                window_bad = False
                 if tcfg.valid_interval_steps and step % tcfg.valid_interval_steps == 0:
                     self._validate(epoch, step)
                     engine.train()
@@ -413,6 +420,8 @@ class Trainer:
             else:
                 # The epoch ran to its end: validate, apply the plateau rule, checkpoint the next epoch's start.
                 self.sampler.set_epoch(epoch + 1)
+                if epoch + 1 < tcfg.max_epoch:
+                    upcoming = iter(self.train_loader)  # its first batches load while we validate and save
                 action = "continue"
                 if self.valid_loader is not None:
                     val_loss = self._validate(epoch, engine.global_steps)
@@ -423,6 +432,8 @@ class Trainer:
                 if action == "stop":
                     self.metrics.print(f"[schedule] {scfg.stop_after} epochs without improvement: stopping")
                     stop = True
+        if upcoming is not None and hasattr(upcoming, "close"):
+            upcoming.close()
         if exit_code == 0 and not (self.ckpt_dir / f"step{engine.global_steps:08d}").exists():
             self._save()
         fingerprints = self._fingerprints()  # a collective: every rank takes part
@@ -431,7 +442,14 @@ class Trainer:
                           "exit_code": exit_code, "param_fingerprints": fingerprints})
         self.metrics.close()
         dist.barrier()
+        # Explicitly, before the interpreter tears down: a gloo group left to the exit handlers can abort the
+        # process ("terminate called without an active exception", exit -6, seen here once in ~20 demo runs),
+        # which would also turn the preemption exit code 75 into a failure that SLURM does not requeue.
+        dist.destroy_process_group()
         return exit_code
+
+    def _is_log_step(self, step: int) -> bool:
+        return step == 1 or step % self.cfg.train.log_interval_steps == 0
 
     def _grad_norm(self) -> float | None:
         import torch

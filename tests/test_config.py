@@ -41,6 +41,11 @@ def test_yaml_then_overrides(tmp_path):
     ("batch.batch_size=true", ["integer"]),
     ("data.normalize=maybe", ["true/false"]),
     ("nodot=1", ["section.key=value"]),
+    ("data.num_workers=-1", ["data.num_workers", ">= 0", "-1"]),
+    ("data.prefetch_factor=0", ["data.prefetch_factor", ">= 1"]),
+    ("data.thread_prefetch=-1", ["data.thread_prefetch", ">= 0"]),
+    ("data.loader_nice=20", ["data.loader_nice", "between 0 and 19", "20"]),
+    ("data.segment_seconds=0", ["data.segment_seconds", "> 0"]),
 ])
 def test_bad_overrides_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:

@@ -186,6 +186,54 @@ def test_nonfinite_steps_are_skipped_then_abort(demo_corpus, tmp_path):
     assert "3 consecutive optimizer steps had a non-finite loss" in proc.stdout + proc.stderr
 
 
+def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_rank(demo_corpus, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from data import CursorSampler
+
+    # The demo corpus plus three float WAVs full of NaN (they pass header validation, as corrupt float files do).
+    corpus = Path(demo_corpus["dir"])
+    lines = [f"{corpus / n} {corpus / c}" for n, c, *_ in
+             (line.split() for line in Path(demo_corpus["train_list"]).read_text().splitlines() if not line.startswith("#"))]
+    for k in range(3):
+        sf.write(tmp_path / f"nan{k}.wav", np.full(48000, np.nan, np.float32), 48000, subtype="FLOAT")
+        sf.write(tmp_path / f"zero{k}.wav", np.zeros(48000, np.float32), 48000, subtype="FLOAT")
+        lines.insert(40 * (k + 1), f"{tmp_path / f'nan{k}.wav'} {tmp_path / f'zero{k}.wav'}")
+    bad = {i for i, line in enumerate(lines) if "nan" in line.split()[0].rsplit("/", 1)[-1]}
+    (tmp_path / "mixed.lst").write_text("\n".join(lines) + "\n")
+
+    # Which optimizer steps hold a NaN pair, and on which ranks: micro 4 × accumulation 2 × 2 ranks, seed 777.
+    steps, expected, one_rank_only = 20, set(), 0
+    samplers = [CursorSampler(len(lines), 4, rank, 2, seed=777, epoch_quantum=16) for rank in (0, 1)]
+    step = 0
+    for epoch in range(3):
+        per_rank = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            per_rank.append([{i for i, _ in batch} for batch in sampler])
+        for k in range(len(per_rank[0]) // 2):
+            step += 1
+            hit = [bool(bad & (r[2 * k] | r[2 * k + 1])) for r in per_rank]
+            if step <= steps and any(hit):
+                expected.add(step)
+                one_rank_only += sum(hit) == 1
+    assert expected and one_rank_only, "the corpus must put a NaN pair on one rank only within the first steps"
+
+    run_dir = tmp_path / "mixed"
+    ok(run_deepspeed(*demo_args({"train_list": str(tmp_path / "mixed.lst"), "valid_list": "none"}, run_dir,
+                                f"train.max_steps={steps}", "train.log_interval_steps=1",
+                                "train.max_consecutive_nonfinite=100", "train.max_epoch=50")))
+    train = records(run_dir, "train")
+    skipped = {r["step"] for r in train if r["lr"] == 0.0}
+    assert skipped == expected
+    assert all(r["loss"] == r["loss"] for r in train), "a skipped micro-batch leaked into the logged loss"
+    end = records(run_dir, "end")[-1]
+    assert end["skipped_steps"] == len(expected) and end["step"] == steps
+    a, b = end["param_fingerprints"]
+    assert a == b and all(x == x for x in a), f"ranks disagree or hold NaN: {a} vs {b}"
+
+
 def test_a_killed_rank_ends_the_job_promptly(demo_corpus, tmp_path):
     run_dir = tmp_path / "kill"
     proc = subprocess.Popen(deepspeed_cmd(*demo_args(demo_corpus, run_dir, "train.max_steps=100000",
