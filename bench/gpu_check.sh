@@ -11,12 +11,13 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #       --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #       hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-#       typing-extensions==4.16.0 rotary-embedding-torch==0.9.1
+#       typing-extensions==4.16.0 rotary-embedding-torch==0.9.1 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
 #   # DeepSpeed is published as a source archive only; build its pure-Python wheel (no ops, ~15 s):
 #   .venv/bin/python -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 #
 # (pydantic-core must be the version this pydantic pins: `unzip -p .whl/pydantic-2*.whl '*/METADATA' | grep
 # pydantic-core`; that pydantic-core needs typing_extensions.Sentinel, hence a recent typing-extensions.
+# soundfile (with its libsndfile) and cffi are for bench/gpu_train_check.sh, which reads WAV files.
 # Installed into a bare Python 3.12 here, these import.) Then, with the device tool, from the repo root
 # (carry .whl, 5 MB):
 #
@@ -30,25 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
-mkdir -p "$OUT"
-PY="${PYTHON:-python3}"
-if [ -x .venv/bin/python ] && ! "$PY" -c 'import torch' 2>/dev/null; then PY=.venv/bin/python; fi
+source bench/_gpu_env.sh
 
-# The carried wheels, where this Python lacks what they hold (a venv that has them, here, skips this).
-have='import importlib.util as u, sys; sys.exit(not all(u.find_spec(m) for m in ("deepspeed", "rotary_embedding_torch", "hjson", "pydantic")))'
-if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "$have"; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1
-if command -v nvidia-smi >/dev/null; then nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true; fi
-"$PY" -c 'import torch, deepspeed, rotary_embedding_torch; print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "cuda", torch.cuda.is_available())'
-
-# 270 s hard stop (with the install and imports above, the whole script stays under 5 minutes): the JSON
-# is rewritten after every phase, so whatever finished is kept.
-set +e
-timeout 270 "$PY" bench/gpu_check.py --out "$OUT/gpu_check.json" "$@" 2>&1 | tee "$OUT/gpu_check.log"
-status=${PIPESTATUS[0]}
-set -e
-echo "gpu_check exit status $status; results in $OUT/gpu_check.json"
-exit "$status"
+# 270 s hard stop: with the install and imports above, the whole script stays under 5 minutes.
+bounded_run 270 gpu_check "$@"

@@ -492,6 +492,11 @@ class Trainer:
             "audio_s_per_s_per_gpu": n * micro * segment_s / elapsed,
             "data_wait_share": interval["wait"] / elapsed, "skipped_steps": self.counters["skipped_steps"],
         }
+        if self.device.type == "cuda":
+            import torch
+
+            # The CUDA allocator's high-water mark since the start (rank 0's GPU): what launcher/memory.py estimates.
+            record["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         i = self.sampler.cursor // (micro * world)
         line = (f"Train Epoch: {epoch + 1}/{self.cfg.train.max_epoch} Step: {i}/{self.sampler.batches_per_epoch} | "
                 f"{spb:.3f}s/batch | lr {lr:.4e} || Mask_Loss {loss:.4f}")
