@@ -222,13 +222,16 @@ def test_two_nodes_one_cpu_rank_each(cluster, demo_corpus, tmp_path):
     assert (plan["micro_batch"], plan["accumulation_steps"], plan["global_batch"]) == (4, 2, 16)
 
 
-@pytest.mark.parametrize("mode", ["srun", "deepspeed"])
-def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_corpus, tmp_path, mode):
+# srun signals every process of the step, DataLoader worker processes included: one mode runs with a worker
+# (as production recipes do), the other reads in the rank through the prefetch thread (the demo recipe).
+@pytest.mark.parametrize("mode, workers", [("srun", 1), ("deepspeed", 0)])
+def test_usr1_checkpoints_requeues_and_resumes(cluster, demo_corpus, tmp_path, mode, workers):
     run_dir = tmp_path / "run"
     max_steps = 40
     proc = submit(cluster, tmp_path / "logs", f"mf2-preempt-{mode}", "--nodes=2", "--gpus-per-node=0",
                   f"--export=ALL,RECIPE={DEMO}", RUN_DIR=str(run_dir), LAUNCH_MODE=mode,
-                  EXTRA_ARGS=f"{corpus_args(demo_corpus)} train.max_steps={max_steps} train.log_interval_steps=1")
+                  EXTRA_ARGS=f"{corpus_args(demo_corpus)} train.max_steps={max_steps} train.log_interval_steps=1 "
+                             f"data.num_workers={workers}")
     notify_after_two_steps(cluster, proc, run_dir)
     restarted = wait_for(lambda: "SLURM_RESTART_COUNT=1" in read_logs(proc)[0], 180, "the requeued run", proc)
     TIMINGS[f"{mode}: USR1 → requeued run starts"] = restarted
