@@ -171,11 +171,14 @@ def worker_ds(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
+    from launcher.dist_env import release_shm_segment_name
     from launcher.ds_config import load_preset
     from model import build_model, compute_features, mask_loss
 
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # every rank has mapped every peer's /dev/shm segment: their names can go
+    release_shm_segment_name(rank)
     cfg = load_preset(DS_SPEC)
     cfg.update({"train_batch_size": MICRO * ACCUM * world, "train_micro_batch_size_per_gpu": MICRO,
                 "gradient_accumulation_steps": ACCUM})

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from launcher import memory  # noqa: E402
+from launcher.dist_env import release_shm_segment_name  # noqa: E402
 from launcher.ds_config import load_preset  # noqa: E402
 from model import build_model, compute_features, mask_loss  # noqa: E402
 
@@ -279,6 +280,8 @@ def main() -> int:
         return 0
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # every rank has mapped every peer's /dev/shm segment: their names can go
+    release_shm_segment_name(rank)
     rows = []
     t0 = time.perf_counter()
     for precision in args.precisions.split(","):

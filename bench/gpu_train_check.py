@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,29 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 DS = "ds_configs/bs12.json+ds_configs/bf16.json"
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """Stop torchrun and every process under it (torchrun may start its workers in sessions of their own):
+    SIGTERM, which torchrun passes on, then SIGKILL for whatever is left after 15 s."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=15)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
 
 
 def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra: list[str], max_steps: int,
@@ -53,8 +77,14 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
     start = time.perf_counter()
     log = Path(args.out).parent / f"{name}.log"
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=args.run_timeout_s)
-    out = {"name": name, "exit_code": proc.returncode, "wall_s": time.perf_counter() - start,
+        # Its own session, so that a timeout stops torchrun and the training process it started alike.
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            code: int | str = proc.wait(timeout=args.run_timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_tree(proc)
+            code = "timeout"
+    out = {"name": name, "exit_code": code, "wall_s": time.perf_counter() - start,
            "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), "log": str(log)}
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
@@ -65,6 +95,8 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
     if name.endswith("_resume"):
         train = [r for r in train if r["time"] >= time.time() - out["wall_s"]]
         out["resumed_line"] = next((x for x in log.read_text().splitlines() if x.startswith("[resume]")), None)
+        # The step count must go on from the checkpoint of the first run (its last step).
+        out["resume_continues"] = bool(train) and train[0]["step"] > max_steps - 10 and train[-1]["step"] == max_steps
     out["steps"] = [r["step"] for r in train]
     if len(train) > 2:
         later = train[1:]
@@ -171,7 +203,10 @@ def main() -> int:
     result["wall_s"] = time.perf_counter() - start
     args.out.write_text(json.dumps(result, indent=1))
     print(f"wrote {args.out} after {result['wall_s']:.0f} s")
-    failed = [r["name"] for r in result["runs"] if r.get("exit_code") not in (0, None)]
+    failed = [r["name"] for r in result["runs"] if "skipped" not in r and (r.get("exit_code") != 0 or "error" in r
+                                                                          or r.get("resume_continues") is False)]
+    if failed:
+        print(f"failed: {', '.join(failed)}")
     return 1 if failed else 0
 
 

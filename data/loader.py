@@ -8,6 +8,7 @@ import queue
 import random
 import sys
 import threading
+import warnings
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -24,7 +25,16 @@ def lower_priority(nice: int) -> None:
     own (POSIX would apply it to the whole process, hence the platform check); raising it needs no privilege.
     """
     if nice and sys.platform.startswith("linux"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
+        except OSError as e:  # a sandbox may refuse it: a scheduling hint is not worth failing a run for
+            global _priority_warned
+            if not _priority_warned:
+                _priority_warned = True
+                warnings.warn(f"could not lower the loading priority by {nice}: {e}", RuntimeWarning, stacklevel=2)
+
+
+_priority_warned = False
 
 
 def _init_worker(nice: int, worker_id: int) -> None:
@@ -147,11 +157,13 @@ class Prefetching:
             raise item
         return item
 
-    def close(self) -> None:
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread and wait for it (it finishes the batch it is reading; a read stuck longer than
+        ``timeout`` is left to the daemon thread)."""
         self._done = True
         self._stop.set()
         if self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(timeout)
 
     def __del__(self) -> None:
         if hasattr(self, "_thread"):

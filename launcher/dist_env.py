@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping
 
 
@@ -123,3 +124,18 @@ def read_dist_env(env: Mapping[str, str] | None = None, local_rank_arg: int | No
         master_port=_int(env, "MASTER_PORT"),
         source=source,
     )
+
+
+def release_shm_segment_name(rank: int) -> None:
+    """Unlink this rank's /dev/shm segment of DeepSpeed's CPU all-reduce once every rank has mapped it.
+
+    With all ranks on one host, deepspeed.init_distributed creates a 66 MB shared-memory segment per rank,
+    named after the user, MASTER_ADDR, MASTER_PORT and the rank, and never removes it: every run on a new port
+    left world × 66 MB of RAM behind in /dev/shm until reboot (here 324 of them, 21 GB, until the OOM killer
+    stepped in). Call it after a collective that follows deepspeed.init_distributed, when every rank has
+    opened every peer's segment: the mappings stay valid, only the name goes, so nothing is left even if
+    the run is killed afterwards.
+    """
+    name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                               f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+    name.unlink(missing_ok=True)

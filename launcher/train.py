@@ -26,7 +26,7 @@ import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
 from launcher.config import Config, ConfigError, dump_yaml, load_config, replace_section  # noqa: E402
-from launcher.dist_env import DistEnv, EnvError, read_dist_env  # noqa: E402
+from launcher.dist_env import DistEnv, EnvError, read_dist_env, release_shm_segment_name  # noqa: E402
 from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan  # noqa: E402
 from launcher.plan import Plan, PlanError  # noqa: E402
 from launcher.preflight import PreflightError, check_head_reachable, check_run_dir, check_world  # noqa: E402
@@ -113,6 +113,17 @@ def main(argv: list[str] | None = None) -> int:
     except (PreflightError, TrainingAborted, ConfigError, DataError, CheckpointError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        _abandon_gloo_group()
+
+
+def _abandon_gloo_group() -> None:
+    """After a failure, tear down a gloo group still standing (see the end of Trainer.run). Only gloo: its
+    teardown is local, while NCCL's could wait on peers that are stuck in a collective."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
+        dist.destroy_process_group()
 
 
 class Trainer:
@@ -145,6 +156,8 @@ class Trainer:
         backend = accel.communication_backend_name()
         deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         check_rendezvous(RENDEZVOUS_TIMEOUT_S)
+        if accel.device_name() == "cpu":
+            release_shm_segment_name(self.env.rank)
         if self.env.rank != 0:
             check_run_dir(self.run_dir, create=False)
         if accel.device_name() == "cuda":
@@ -347,11 +360,17 @@ class Trainer:
                 feats = compute_features(noisy, dither=1.0).to(self.input_dtype)
                 mask = engine(feats)
                 loss = mask_loss(mask, noisy, clean)
-                finite = torch.isfinite(loss)
-                if not finite:
+                replace = not torch.isfinite(loss)
+                if self.zero_stage == 3:
+                    # A ZeRO-3 forward gathers parameters collectively, so the extra forward below must run on
+                    # every rank or on none: agree on it now (the only per-micro-batch collective we add).
+                    vote = torch.tensor([float(replace)], device=self.device)
+                    dist.all_reduce(vote)
+                    replace = vote.item() > 0
+                if replace:
                     # Backpropagating through a NaN graph would poison the gradients (and with them every
-                    # rank's after the reduction): this rank contributes an exactly-zero gradient instead,
-                    # and the step's all-reduce below makes every rank skip the whole window alike.
+                    # rank's after the reduction): contribute an exactly-zero gradient instead; the step's
+                    # all-reduce below then makes every rank skip the whole window alike.
                     loss = engine(torch.zeros_like(feats)).float().sum() * 0.0
                     window[2] += 1
                 else:
@@ -372,7 +391,8 @@ class Trainer:
                 dist.all_reduce(window)
                 loss_sum, loss_n, bad, stop_votes = window.tolist()
                 window.zero_()
-                # A window with a non-finite micro-batch is skipped whole: LR 0 leaves the weights as they were.
+                # A window with a non-finite micro-batch is skipped whole: LR 0 leaves the weights as they were
+                # (Adam's moments and step count still take in the window's other, finite gradients).
                 lr = 0.0 if bad else self.schedule.lr(engine.global_steps)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
@@ -432,8 +452,11 @@ class Trainer:
                 if action == "stop":
                     self.metrics.print(f"[schedule] {scfg.stop_after} epochs without improvement: stopping")
                     stop = True
-        if upcoming is not None and hasattr(upcoming, "close"):
-            upcoming.close()
+            # Stop the loading threads of a pass left early and of a next epoch that will not run (closing
+            # a pass that ran to its end does nothing).
+            for unused in (batches, upcoming if stop else None):
+                if hasattr(unused, "close"):
+                    unused.close()
         if exit_code == 0 and not (self.ckpt_dir / f"step{engine.global_steps:08d}").exists():
             self._save()
         fingerprints = self._fingerprints()  # a collective: every rank takes part

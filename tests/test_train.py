@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, deepspeed_cmd, read_jsonl, run_deepspeed, train_env
+from conftest import ROOT, deepspeed_cmd, free_port, read_jsonl, run_deepspeed, train_env
 
 pytestmark = pytest.mark.slow
 
@@ -186,7 +186,8 @@ def test_nonfinite_steps_are_skipped_then_abort(demo_corpus, tmp_path):
     assert "3 consecutive optimizer steps had a non-finite loss" in proc.stdout + proc.stderr
 
 
-def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_rank(demo_corpus, tmp_path):
+@pytest.mark.parametrize("stage", [0, 3])
+def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_rank(demo_corpus, tmp_path, stage):
     import numpy as np
     import soundfile as sf
 
@@ -220,10 +221,19 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_ran
                 one_rank_only += sum(hit) == 1
     assert expected and one_rank_only, "the corpus must put a NaN pair on one rank only within the first steps"
 
+    ds = "ds_configs/bs4.json"
+    if stage == 3:
+        # Every parameter partitioned (the tiny model's are all below the default persistence threshold) and
+        # released after each use (else the whole tiny model stays gathered from forward to backward), so that
+        # each forward gathers collectively: an extra forward on one rank only would desynchronise the ranks.
+        (tmp_path / "persist0.json").write_text(json.dumps({"zero_optimization": {
+            "stage3_param_persistence_threshold": 0, "stage3_max_reuse_distance": 0, "stage3_prefetch_bucket_size": 0}}))
+        ds += f"+ds_configs/zero3.json+{tmp_path / 'persist0.json'}"
     run_dir = tmp_path / "mixed"
     ok(run_deepspeed(*demo_args({"train_list": str(tmp_path / "mixed.lst"), "valid_list": "none"}, run_dir,
                                 f"train.max_steps={steps}", "train.log_interval_steps=1",
-                                "train.max_consecutive_nonfinite=100", "train.max_epoch=50")))
+                                "train.max_consecutive_nonfinite=100", "train.max_epoch=50", ds=ds),
+                     timeout=400, MF2_COLLECTIVE_TIMEOUT_S="120"))
     train = records(run_dir, "train")
     skipped = {r["step"] for r in train if r["lr"] == 0.0}
     assert skipped == expected
@@ -232,6 +242,18 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_ran
     assert end["skipped_steps"] == len(expected) and end["step"] == steps
     a, b = end["param_fingerprints"]
     assert a == b and all(x == x for x in a), f"ranks disagree or hold NaN: {a} vs {b}"
+
+
+def test_a_run_leaves_no_shared_memory_behind(demo_corpus, tmp_path):
+    # DeepSpeed's CPU all-reduce creates one 66 MB /dev/shm segment per rank, named after the port, and never
+    # removes it; the launcher unlinks the names once every rank has mapped them (launcher/dist_env.py).
+    port = free_port()
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"
+    proc = subprocess.run(deepspeed_cmd(*demo_args(demo_corpus, tmp_path / "shm", "train.max_steps=2",
+                                                   "data.valid_list=none"), port=port),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=600)
+    ok(proc)
+    assert not sorted(Path("/dev/shm").glob(pattern)), "shared-memory segments left behind"
 
 
 def test_a_killed_rank_ends_the_job_promptly(demo_corpus, tmp_path):
@@ -250,7 +272,7 @@ def test_a_killed_rank_ends_the_job_promptly(demo_corpus, tmp_path):
         ranks = subprocess.run(["pgrep", "-f", f"launcher/train.py.*--local_rank=1.*{run_dir}"],
                                capture_output=True, text=True).stdout.split()
         if not ranks:
-            ranks = subprocess.run(["pgrep", "-f", f"launcher/train.py --local_rank=1"], capture_output=True,
+            ranks = subprocess.run(["pgrep", "-f", "launcher/train.py --local_rank=1"], capture_output=True,
                                    text=True).stdout.split()
         assert ranks, "rank 1 not found"
         killed_at = time.time()
