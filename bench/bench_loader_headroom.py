@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine  # noqa: E402
+from _common import demo_loader, machine  # noqa: E402
 
 TRAIN_LIST = "runs/demo_corpus/train.lst"
 MICRO, WORLD, ACCUM = 4, 2, 2
@@ -53,19 +53,9 @@ SETUPS = {"0": (0, False), "1": (1, False), "2": (2, False), "0+thread": (0, Tru
 
 
 def _loader(rank: int, setup: str, epoch: int):
-    from data import CropDataset, CursorSampler, PairIndex, ThreadPrefetcher, build_loader
-    from launcher.config import load_config
-
     workers, thread = SETUPS[setup]
-    d = load_config(ROOT / "recipes" / "demo_cpu.yaml").data
-    index = PairIndex.from_lists([str(ROOT / TRAIN_LIST)])
-    dataset = CropDataset(index, segment_seconds=SEGMENT_SECONDS, seed=777)
-    sampler = CursorSampler(len(dataset), MICRO, rank, WORLD, seed=777, epoch_quantum=MICRO * ACCUM * WORLD)
-    sampler.set_epoch(epoch)
-    loader = build_loader(dataset, sampler, num_workers=workers, pin_memory=False, persistent_workers=False,
-                          prefetch_factor=2, nice=d.loader_nice)
-    if thread:
-        loader = ThreadPrefetcher(loader, max(1, d.thread_prefetch), nice=d.loader_nice)
+    loader, sampler = demo_loader(rank, WORLD, MICRO, ACCUM, epoch, num_workers=workers, persistent_workers=False,
+                                  prefetch_factor=2, **({} if thread else {"thread_prefetch": 0}))
     return loader, len(sampler)
 
 

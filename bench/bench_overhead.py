@@ -63,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine  # noqa: E402
+from _common import demo_loader, machine  # noqa: E402
 
 BIN = Path(sys.executable).parent
 PRESET = "tiny"
@@ -118,17 +118,7 @@ class OurLoader:
     """The training path's data pipeline with the demo recipe's data settings, as an endless batch source."""
 
     def __init__(self, rank: int, world: int) -> None:
-        from data import CropDataset, CursorSampler, PairIndex, ThreadPrefetcher, build_loader
-        from launcher.config import load_config
-
-        d = load_config(RECIPE).data
-        index = PairIndex.from_lists([TRAIN_LIST])
-        dataset = CropDataset(index, segment_seconds=SEGMENT_SECONDS, seed=777)
-        self.sampler = CursorSampler(len(dataset), MICRO, rank, world, seed=777, epoch_quantum=MICRO * ACCUM * world)
-        loader = build_loader(dataset, self.sampler, num_workers=d.num_workers, pin_memory=False,
-                              persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
-                              nice=d.loader_nice)
-        self.loader = ThreadPrefetcher(loader, d.thread_prefetch, nice=d.loader_nice) if d.thread_prefetch else loader
+        self.loader, self.sampler = demo_loader(rank, world, MICRO, ACCUM)
         self.it = iter(self.loader)
 
     def batch(self, size: int):

@@ -95,8 +95,9 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
     if name.endswith("_resume"):
         train = [r for r in train if r["time"] >= time.time() - out["wall_s"]]
         out["resumed_line"] = next((x for x in log.read_text().splitlines() if x.startswith("[resume]")), None)
-        # The step count must go on from the checkpoint of the first run (its last step).
-        out["resume_continues"] = bool(train) and train[0]["step"] > max_steps - 10 and train[-1]["step"] == max_steps
+        # The step count must go on from the checkpoint of the first run (its last step) to this run's end.
+        ends = [r["step"] for r in records if r.get("kind") == "end"]
+        out["resume_continues"] = bool(train) and train[0]["step"] > max_steps - 10 and ends[-1:] == [max_steps]
     out["steps"] = [r["step"] for r in train]
     if len(train) > 2:
         later = train[1:]
@@ -116,13 +117,12 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else None
     ds_config = json.loads((run_dir / "ds_config.json").read_text()) if (run_dir / "ds_config.json").exists() else None
     if plan and ds_config:
-        from launcher.memory import MemoryEstimateError, engine_settings, estimate
+        from types import SimpleNamespace
+
+        from launcher.memory import MemoryEstimateError, estimate_for
 
         try:
-            stage, precision = engine_settings(ds_config)
-            est = estimate(args.preset, stage, precision, plan["world_size"], plan["micro_batch"],
-                           plan["segment_seconds"], ds_config)
-            out["estimate_gib"] = est.total / 2**30
+            out["estimate_gib"] = estimate_for(SimpleNamespace(**plan), ds_config, args.preset).total / 2**30
         except MemoryEstimateError as e:
             out["estimate_gib"] = f"n/a: {e}"
     valid = [r for r in records if r.get("kind") == "valid"]

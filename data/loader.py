@@ -28,13 +28,8 @@ def lower_priority(nice: int) -> None:
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + nice)
         except OSError as e:  # a sandbox may refuse it: a scheduling hint is not worth failing a run for
-            global _priority_warned
-            if not _priority_warned:
-                _priority_warned = True
-                warnings.warn(f"could not lower the loading priority by {nice}: {e}", RuntimeWarning, stacklevel=2)
-
-
-_priority_warned = False
+            # (Python's default warning filter shows this once, not once per thread or worker.)
+            warnings.warn(f"could not lower the loading priority by {nice}: {e}", RuntimeWarning, stacklevel=2)
 
 
 def _init_worker(nice: int, worker_id: int) -> None:
@@ -70,14 +65,16 @@ def build_loader(
     prefetch_factor: int = 2,
     seed: int | None = None,
     nice: int = 0,
-) -> DataLoader:
+    thread_prefetch: int = 0,
+) -> DataLoader | ThreadPrefetcher:
     """A DataLoader yielding ``(noisy (B, L), clean (B, L))`` float32 (plus ``weight (B,)`` with EvalSampler).
 
     ``num_workers=0`` reads in the training process (``persistent_workers``/``prefetch_factor`` do not apply
     then and are ignored). ``pin_memory`` applies only where CUDA is available (pinned host memory is for
     host-to-GPU copies). Worker seeds derive from ``seed`` (default: the dataset's seed) and the sampler's rank,
     so they are the same on every run. Workers run ``nice`` levels below the calling process (see
-    ``lower_priority``).
+    ``lower_priority``). With ``thread_prefetch`` > 0 the loader comes wrapped in a ``ThreadPrefetcher`` of
+    that depth, whose thread runs at the same ``nice``.
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
@@ -88,7 +85,7 @@ def build_loader(
     if num_workers > 0:
         extra = dict(persistent_workers=persistent_workers, prefetch_factor=prefetch_factor,
                      worker_init_fn=functools.partial(_init_worker, nice))
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
@@ -97,6 +94,7 @@ def build_loader(
         generator=generator,
         **extra,
     )
+    return ThreadPrefetcher(loader, thread_prefetch, nice=nice) if thread_prefetch else loader
 
 
 class ThreadPrefetcher:
@@ -136,8 +134,7 @@ class Prefetching:
 
     def __init__(self, source: Iterator[Any], depth: int, nice: int) -> None:
         self._ready: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
-        self._done = False
+        self._stop = threading.Event()  # set by close(): the pass is over for both threads
         self._thread = threading.Thread(target=_produce, args=(source, self._ready, self._stop, nice),
                                         name="batch-prefetch", daemon=True)
         self._thread.start()
@@ -146,7 +143,7 @@ class Prefetching:
         return self
 
     def __next__(self) -> Any:
-        if self._done:
+        if self._stop.is_set():
             raise StopIteration
         item = self._ready.get()
         if item is _END:
@@ -160,7 +157,6 @@ class Prefetching:
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread and wait for it (it finishes the batch it is reading; a read stuck longer than
         ``timeout`` is left to the daemon thread)."""
-        self._done = True
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout)

@@ -115,17 +115,6 @@ def main(argv: list[str] | None = None) -> int:
     except (PreflightError, TrainingAborted, ConfigError, DataError, CheckpointError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         return 1
-    finally:
-        _abandon_gloo_group()
-
-
-def _abandon_gloo_group() -> None:
-    """After a failure, tear down a gloo group still standing (see the end of Trainer.run). Only gloo: its
-    teardown is local, while NCCL's could wait on peers that are stuck in a collective."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo":
-        dist.destroy_process_group()
 
 
 class Trainer:
@@ -170,7 +159,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from data import CropDataset, CursorSampler, DataError, EvalSampler, ThreadPrefetcher, build_loader, validate
+        from data import CropDataset, CursorSampler, DataError, EvalSampler, build_loader, validate
 
         d = self.cfg.data
         if not d.train_list:
@@ -199,10 +188,9 @@ class Trainer:
             return index
 
         def loader(dataset, sampler):
-            batches = build_loader(dataset, sampler, num_workers=d.num_workers, pin_memory=d.pin_memory,
-                                   persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
-                                   nice=d.loader_nice)
-            return ThreadPrefetcher(batches, d.thread_prefetch, nice=d.loader_nice) if d.thread_prefetch else batches
+            return build_loader(dataset, sampler, num_workers=d.num_workers, pin_memory=d.pin_memory,
+                                persistent_workers=d.persistent_workers, prefetch_factor=d.prefetch_factor,
+                                nice=d.loader_nice, thread_prefetch=d.thread_prefetch)
 
         common = dict(segment_seconds=d.segment_seconds, sample_rate_hz=d.sample_rate_hz, normalize=d.normalize,
                       resample=d.resample, seed=self.cfg.train.seed)

@@ -145,7 +145,6 @@ def test_a_refused_priority_change_warns_instead_of_failing_the_run(monkeypatch)
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(loader.os, "setpriority", refuse)
-    monkeypatch.setattr(loader, "_priority_warned", False)
     with pytest.warns(RuntimeWarning, match="could not lower the loading priority by 5"):
         assert list(ThreadPrefetcher(iter([1, 2]), nice=5)) == [1, 2]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dry_run
+from conftest import run_dry_run as run
 
 from launcher.config import load_config
 from launcher.dry_run import add_plan_arguments, plan_from_args
@@ -25,10 +25,6 @@ RECIPE = "recipes/train_48k.yaml"
 @pytest.fixture(autouse=True)
 def _in_repo_root(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    return run_dry_run(capsys, *argv)
 
 
 def test_reference_defaults_card(capsys) -> None:

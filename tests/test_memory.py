@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_dry_run
+from conftest import run_dry_run as run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -33,10 +33,6 @@ FULL = "mossformer2_se_48k"
 @pytest.fixture(autouse=True)
 def _in_repo_root(monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    return run_dry_run(capsys, *argv)
 
 
 # ---- model states --------------------------------------------------------------------------------
