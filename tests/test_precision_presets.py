@@ -91,3 +91,19 @@ def test_the_card_shows_the_accumulation_dtype_and_a_derived_stage(capsys, spec,
 def test_the_dry_run_refuses_bf16_at_zero0(capsys) -> None:
     rc, out, err = run(capsys, "--config", RECIPE, "--ds_config", "ds_configs/zero0.json+ds_configs/bf16.json")
     assert rc == 2 and out == "" and err.startswith("error: ") and "ZeRO stage 0 with bf16" in err
+
+
+def test_the_memory_estimate_counts_fp32_accumulation() -> None:
+    """bench/bench_zero_memory.py (2 ranks, bf16.json): grads 6Ψ at stage 1 (DeepSpeed's BF16 optimizer: bf16
+    gradients and fp32 accumulators), 4Ψ/N at 2–3; no reduce bucket at stage 1, an fp32 one at stage 3."""
+    from launcher.memory import model_state_bytes, reduce_bucket_bytes
+
+    psi = 1000
+    stage_1, stage_2, stage_3 = (load_preset(f"ds_configs/zero{s}.json+ds_configs/bf16.json") for s in (1, 2, 3))
+    assert model_state_bytes(psi, 1, "bf16", 2, grad_accum_dtype="fp32").grads == 6 * psi
+    assert model_state_bytes(psi, 2, "bf16", 2, grad_accum_dtype="fp32").grads == 4 * psi // 2
+    assert model_state_bytes(psi, 3, "bf16", 2, grad_accum_dtype="fp32").grads_formula == "4Ψ/N"
+    assert model_state_bytes(psi, 2, "bf16", 2).grads == 2 * psi // 2  # summing in bf16: as before
+    assert reduce_bucket_bytes(stage_1, 1, "bf16") == 0
+    assert reduce_bucket_bytes(stage_2, 2, "bf16") == 500_000_000 * 2
+    assert reduce_bucket_bytes(stage_3, 3, "bf16") == 500_000_000 * 4
