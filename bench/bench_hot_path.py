@@ -5,8 +5,8 @@ tap and validation's loss and SI-SNR.
 
 1. Identity taps. Each depthwise time convolution folds the residual into its centre tap. Before: the one-hot
    tap was built in every call (zeros, select, fill: 144 calls per forward of the full model); after: a
-   non-persistent buffer of the module (model/network.py). "before" runs the same model with those buffers
-   set to None, which takes the per-call path. Reported: ATen operators dispatched per forward (counted,
+   non-persistent buffer of the module (model/network.py). "before" runs a copy of the same model with those
+   buffers set to None, which takes the per-call path. Reported: ATen operators dispatched per forward (counted,
    device-independent: each is at least one kernel launch on a GPU) and forward time in eval mode, ours
    alternating before/after, medians over --repeats.
 2. Validation. Before: launcher/train.py's loop called mask_loss once per item (two STFTs of one item each),
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import copy
 import json
 import statistics
 import sys
@@ -45,14 +46,13 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _identity_taps(model: torch.nn.Module, enabled: bool, saved: dict) -> None:
-    for name, module in model.named_modules():
-        if hasattr(module, "identity_tap"):
-            if not enabled:
-                saved.setdefault(name, module.identity_tap)
-                module.identity_tap = None
-            else:
-                module.identity_tap = saved[name]
+def _without_identity_taps(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose depthwise convolutions build their identity tap in every call (the old path)."""
+    legacy = copy.deepcopy(model)
+    for module in legacy.modules():
+        if getattr(module, "identity_tap", None) is not None:
+            module.identity_tap = None
+    return legacy
 
 
 def alternate(contenders: dict, repeats: int) -> dict:
@@ -74,25 +74,22 @@ def alternate(contenders: dict, repeats: int) -> dict:
 
 def identity_taps(preset: str, batch: int, seconds: float, repeats: int) -> dict:
     torch.manual_seed(0)
-    model = build_model(preset).eval()
+    models = {"after": build_model(preset).eval()}
+    models["before"] = _without_identity_taps(models["after"])
     x = torch.randn(batch, num_frames(int(seconds * 48000)), 180)
-    saved: dict = {}
 
-    def forward(enabled: bool):
+    def forward(model: torch.nn.Module):
         def run() -> None:
-            _identity_taps(model, enabled, saved)
             with torch.no_grad():
                 model(x)
         return run
 
     ops = {}
-    for label, enabled in (("before", False), ("after", True)):
-        _identity_taps(model, enabled, saved)
+    for label in ("before", "after"):
         with torch.no_grad(), _CountOps() as counter:
-            model(x)
+            models[label](x)
         ops[label] = counter.count
-    out = alternate({"before": forward(False), "after": forward(True)}, repeats)
-    _identity_taps(model, True, saved)
+    out = alternate({"before": forward(models["before"]), "after": forward(models["after"])}, repeats)
     return {"preset": preset, "batch": batch, "seconds": seconds, "ops_per_forward": ops, **out}
 
 

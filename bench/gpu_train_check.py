@@ -1,9 +1,9 @@
 """GPU training check: `launcher/train.py` itself on one lent GPU, end to end, as a user launches it.
 
 Run through bench/gpu_train_check.sh (it installs the carried wheels first and passes the deadline).
-bench/gpu_check.py times the model and the bare engines; this runs the launcher: plan → NCCL process group → preflight → data from 48 kHz WAV
-files (4 workers + the prefetch thread, as recipes/train_48k.yaml) → DeepSpeed bf16 engine → validation →
-checkpoints → resume, and reads what the run recorded. On a machine without a GPU,
+bench/gpu_check.py times the model and the bare engines; this runs the launcher: plan → NCCL process group →
+preflight → data from 48 kHz WAV files (4 workers + the prefetch thread, as recipes/train_48k.yaml) →
+DeepSpeed bf16 engine → validation → checkpoints → resume, and reads what the run recorded. On a machine without a GPU,
 `python bench/gpu_train_check.py --device cpu --preset tiny --seconds 1 --steps 8` runs the same runs in a
 reduced form, to know the script works before device time is spent on it.
 
