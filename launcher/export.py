@@ -135,7 +135,9 @@ def _consolidate(ckpt_dir: Path, tag: str, model) -> dict:
 
     tag_dir = ckpt_dir / tag
     bf16_optimizer = _rank_files(tag_dir, _BF16_OPTIMIZER_FILES)
-    if bf16_optimizer and "single_partition_of_fp32_groups" in torch.load(
+    # The ZeRO optimizers save bf16 runs under the same file names; they record their stage, which
+    # zero_to_fp32 needs and DeepSpeed's BF16_Optimizer (not a ZeRO optimizer) does not write.
+    if bf16_optimizer and "zero_stage" not in torch.load(
             bf16_optimizer[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]:
         state = _module(tag_dir)[0]
         state.update(_bf16_optimizer_masters(bf16_optimizer, model, tag_dir))
