@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= 1
 # differently, and a mix rebuilds the op (~1 min) on every switch.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv demo story test clean
+.PHONY: venv demo story test clean gpu-wheels
 
 venv: $(STAMP)
 
@@ -49,3 +49,10 @@ story: $(STAMP)
 	$(BIN)/deepspeed --num_gpus 2 --master_port $(DEMO_PORT) launcher/train.py --ds_config ds_configs/base.json --config recipes/story_bs4.yaml train.progress_bar=false
 	$(BIN)/deepspeed --num_gpus 2 --master_port $(DEMO_PORT) launcher/train.py --ds_config ds_configs/base.json --config recipes/story_bs12.yaml train.progress_bar=false
 	$(BIN)/python -m launcher.report runs/story_bs4 runs/story_bs12 --out runs/story.png
+
+# The wheels that bench/gpu_check.sh and bench/gpu_train_check.sh carry to a lent GPU box, pinned in
+# bench/gpu_wheels.txt: downloaded for CPython 3.12 on manylinux x86_64 (DeepSpeed's built here), then checked
+# complete against every wheel's Requires-Dist and the box's packages. Carry .whl (git-ignored) to the box.
+gpu-wheels:
+	@test -x $(BIN)/python || { echo "gpu-wheels builds DeepSpeed's wheel with $(BIN)/python (it needs torch): run make venv first"; exit 1; }
+	$(BIN)/python bench/gpu_wheels.py download .whl

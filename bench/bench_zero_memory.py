@@ -174,7 +174,8 @@ def one_config(preset: str, stage: int, precision: str, world: int, reduce_bucke
     boundary = count_rank_bytes(engine)  # after the boundary's backward, before the step consumes the grads
     engine.step()
     persist = memory.persistent_params(preset, memory.persistence_threshold(cfg)) if stage == 3 else 0
-    expect = memory.model_state_bytes(num_params, stage, precision, world, persist)
+    expect = memory.model_state_bytes(num_params, stage, precision, world, persist,
+                                      memory.explicit_grad_accum_dtype(cfg))
     bucket = memory.reduce_bucket_bytes(cfg, stage, precision)
     result = {"stage": stage, "precision": precision, "spec": spec, "num_params": num_params,
               "accumulation_steps": accum, **between, "at_boundary": boundary,
@@ -286,6 +287,8 @@ def main() -> int:
     t0 = time.perf_counter()
     for precision in args.precisions.split(","):
         for stage in (int(s) for s in args.stages.split(",")):
+            if (stage, precision) == (0, "bf16"):
+                continue  # refused: ds_configs/bf16.json sums gradients in fp32, which needs ZeRO >= 1
             mine = one_config(args.preset, stage, precision, world, args.reduce_bucket_size)
             gc.collect()  # the engine, its hooks and the model refer to each other
             gathered = [None] * world

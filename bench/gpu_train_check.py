@@ -1,21 +1,27 @@
 """GPU training check: `launcher/train.py` itself on one lent GPU, end to end, as a user launches it.
 
-Run through bench/gpu_train_check.sh (it installs the carried wheels first). bench/gpu_check.py times the model
-and the bare engines; this runs the launcher: plan → NCCL process group → preflight → data from 48 kHz WAV
-files (4 workers + the prefetch thread, as recipes/train_48k.yaml) → DeepSpeed bf16 engine → validation →
-checkpoints → resume, and reads what the run recorded. On a machine without a GPU,
+Run through bench/gpu_train_check.sh (it installs the carried wheels first and passes the deadline).
+bench/gpu_check.py times the model and the bare engines; this runs the launcher: plan → NCCL process group →
+preflight → data from 48 kHz WAV files (4 workers + the prefetch thread, as recipes/train_48k.yaml) →
+DeepSpeed bf16 engine → validation → checkpoints → resume, and reads what the run recorded. On a machine without a GPU,
 `python bench/gpu_train_check.py --device cpu --preset tiny --seconds 1 --steps 8` runs the same runs in a
 reduced form, to know the script works before device time is spent on it.
+
+Each run is a torchrun in a session of its own (so that stopping it reaches every process it started), given
+the time left before the deadline (--deadline, Unix time; else --budget_s from the start), at most
+--run_timeout_s; when that is spent, or when this script gets SIGTERM, the run's whole process tree is stopped
+and reported as `timeout`; runs that would start with less than --min_run_s left are reported as skipped.
 
 Runs (each `python -m torch.distributed.run --standalone --nproc_per_node 1 launcher/train.py ...` with
 `recipes/train_48k.yaml`, ds_configs/bs12.json+bf16.json, `--effec_batch_size 12`: 12 × 1 × 1 = 12 samples per
 update, on a generated corpus of 240 training / 24 validation pairs of 0.8–1.2 × 1.5 × the crop length):
-1. `bf16_zero0`: --steps optimizer steps from scratch (validation and a checkpoint at each epoch end, 20 steps);
-2. `bf16_zero0_resume`: the same run directory, `--resume auto`, 10 steps more: the step count must go on
-   from where the checkpoint left it;
-3. `bf16_zero0_nice19`: as 1 with `data.loader_nice=19` (the demo recipe's setting): data-wait share and
-   speed beside run 1 (the default, 0);
-4. `bf16_zero3`: ZeRO-3 for half the steps (parameter partitioning and its gather/release on CUDA).
+1. `bf16`: --steps optimizer steps from scratch (validation and a checkpoint at each epoch end, 20 steps); no
+   stage preset, so ZeRO 1 with DeepSpeed's BF16 optimizer (fp32 gradient accumulation, ds_configs/bf16.json);
+2. `bf16_resume`: the same run directory, `--resume auto`, 10 steps more: the step count must go on from where
+   the checkpoint left it;
+3. `bf16_zero3`: ZeRO-3 for half the steps (parameter partitioning and its gather/release on CUDA);
+4. `bf16_nice19`: as 1 with `data.loader_nice=19` (the demo recipe's setting): data-wait share and speed beside
+   run 1 (the default, 0).
 
 Per run, from its metrics.jsonl: exit code, wall time, optimizer steps, s/step (median over logging intervals
 after the first), samples/s, data_wait_share (median and mean), the loss of the first and last interval,
@@ -41,9 +47,17 @@ sys.path.insert(0, str(ROOT))
 DS = "ds_configs/bs12.json+ds_configs/bf16.json"
 
 
-def stop_tree(proc: subprocess.Popen) -> None:
+class Stopped(Exception):
+    """SIGTERM arrived (bench/_gpu_env.sh's `timeout` backstop): stop the running tree, keep the results."""
+
+
+def _on_sigterm(*_) -> None:
+    raise Stopped
+
+
+def stop_tree(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
     """Stop torchrun and every process under it (torchrun may start its workers in sessions of their own):
-    SIGTERM, which torchrun passes on, then SIGKILL for whatever is left after 15 s."""
+    SIGTERM, which torchrun passes on, then SIGKILL for whatever is left after `grace_s`."""
     import psutil
 
     try:
@@ -55,7 +69,7 @@ def stop_tree(proc: subprocess.Popen) -> None:
             p.send_signal(signal.SIGTERM)
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(tree, timeout=15)
+    _, alive = psutil.wait_procs(tree, timeout=grace_s)
     for p in alive:
         try:
             p.kill()
@@ -65,7 +79,7 @@ def stop_tree(proc: subprocess.Popen) -> None:
 
 
 def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra: list[str], max_steps: int,
-        ds: str = DS) -> dict:
+        ds: str, limit_s: float) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
            "launcher/train.py", "--ds_config", ds, "--config", "recipes/train_48k.yaml", "--effec_batch_size", "12",
            "--run_dir", str(run_dir), f"model.preset={args.preset}", f"data.segment_seconds={args.seconds}",
@@ -73,18 +87,23 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
            f"train.max_steps={max_steps}", "train.log_interval_steps=5", "train.progress_bar=false", *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if args.device == "cpu":
-        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        # This Python's ninja builds DeepSpeed's CPU op, as under `make`: another ninja would rebuild it (~1 min).
+        env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
     start = time.perf_counter()
     log = Path(args.out).parent / f"{name}.log"
     with open(log, "w") as f:
         # Its own session, so that a timeout stops torchrun and the training process it started alike.
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code: int | str = proc.wait(timeout=args.run_timeout_s)
+            code: int | str = proc.wait(timeout=limit_s)
         except subprocess.TimeoutExpired:
             stop_tree(proc)
             code = "timeout"
-    out = {"name": name, "exit_code": code, "wall_s": time.perf_counter() - start,
+        except Stopped:
+            stop_tree(proc, grace_s=3.0)
+            raise
+    out = {"name": name, "exit_code": code, "wall_s": time.perf_counter() - start, "limit_s": limit_s,
            "command": " ".join(cmd[1:]).replace(str(ROOT) + "/", ""), "log": str(log)}
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
@@ -136,14 +155,22 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--preset", default="mossformer2_se_48k")
     ap.add_argument("--seconds", type=float, default=4.0, help="crop length")
-    ap.add_argument("--steps", type=int, default=40, help="optimizer steps of the from-scratch runs")
+    ap.add_argument("--steps", type=int, default=30, help="optimizer steps of the from-scratch runs")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/mf2_gpu_train"))
-    ap.add_argument("--run_timeout_s", type=float, default=240)
-    ap.add_argument("--budget_s", type=float, default=420.0, help="skip runs that would start after this")
+    ap.add_argument("--run_timeout_s", type=float, default=150, help="at most this long per run")
+    ap.add_argument("--budget_s", type=float, default=260.0, help="the whole script's time, from its start")
+    ap.add_argument("--deadline", type=float, default=None,
+                    help="Unix time by which the script must be done (bench/_gpu_env.sh passes it)")
+    ap.add_argument("--min_run_s", type=float, default=None,
+                    help="skip a run that would start with less time left (default: 45 on cuda, 10 on cpu)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")) / "gpu_train_check.json")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    # Kept back for the table, the JSON and the exit; a stopped run's tree needs up to 10 s more.
+    deadline = min(time.time() + args.budget_s, args.deadline or float("inf")) - 15.0
+    min_run_s = args.min_run_s if args.min_run_s is not None else (45.0 if args.device == "cuda" else 10.0)
+    signal.signal(signal.SIGTERM, _on_sigterm)
 
     from data import make_demo_corpus
 
@@ -163,21 +190,27 @@ def main() -> int:
 
     half = max(4, args.steps // 2)
     plan = [
-        ("bf16_zero0", "zero0", [], args.steps, DS),
-        ("bf16_zero0_resume", "zero0", ["--resume", "auto"], args.steps + 10, DS),
-        ("bf16_zero0_nice19", "zero0_nice19", ["data.loader_nice=19"], args.steps, DS),
+        ("bf16", "bf16", [], args.steps, DS),
+        ("bf16_resume", "bf16", ["--resume", "auto"], args.steps + 10, DS),
         ("bf16_zero3", "zero3", [], half, DS + "+ds_configs/zero3.json"),
+        ("bf16_nice19", "nice19", ["data.loader_nice=19"], args.steps, DS),
     ]
-    for name, folder, extra, steps, ds in plan:
-        if time.perf_counter() - start > args.budget_s:
-            result["runs"].append({"name": name, "skipped": "time budget"})
-            continue
-        if not name.endswith("_resume"):
-            subprocess.run(["rm", "-rf", str(args.workdir / folder)], check=True)
-        r = run(name, args, corpus, args.workdir / folder, extra, steps, ds)
-        result["runs"].append(r)
-        args.out.write_text(json.dumps(result, indent=1))
-        print(json.dumps({k: v for k, v in r.items() if k not in ("command", "log")}), flush=True)
+    try:
+        for name, folder, extra, steps, ds in plan:
+            left = deadline - time.time()
+            if left < min_run_s:
+                result["runs"].append({"name": name, "skipped": f"time budget ({left:.0f} s left, a run needs "
+                                                                 f"{min_run_s:.0f})"})
+                continue
+            if not name.endswith("_resume"):
+                subprocess.run(["rm", "-rf", str(args.workdir / folder)], check=True)
+            r = run(name, args, corpus, args.workdir / folder, extra, steps, ds, min(args.run_timeout_s, left))
+            result["runs"].append(r)
+            args.out.write_text(json.dumps(result, indent=1))
+            print(json.dumps({k: v for k, v in r.items() if k not in ("command", "log")}), flush=True)
+    except Stopped:
+        result["stopped"] = f"SIGTERM during run {name}: its process tree was stopped"
+        print(result["stopped"], flush=True)
 
     from rich.console import Console
     from rich.table import Table
@@ -207,7 +240,7 @@ def main() -> int:
                                                                           or r.get("resume_continues") is False)]
     if failed:
         print(f"failed: {', '.join(failed)}")
-    return 1 if failed else 0
+    return 124 if "stopped" in result else 1 if failed else 0
 
 
 if __name__ == "__main__":

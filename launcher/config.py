@@ -123,6 +123,24 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class CudaSection:
+    """Speed switches applied on CUDA ranks at device set-up (launcher/device_settings.py); ignored on CPU.
+
+    `allow_tf32`: fp32 matrix products and convolutions on TF32 tensor cores (10-bit mantissa inputs, fp32
+    accumulation; about 7× the strict-fp32 peak on an H100). `cudnn_benchmark`: cuDNN times its algorithms
+    for each new input shape once and keeps the fastest (training crops have one shape).
+    """
+
+    allow_tf32: bool = True
+    cudnn_benchmark: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("allow_tf32", "cudnn_benchmark"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"cuda.{key} must be true or false, got {getattr(self, key)!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -130,6 +148,7 @@ class Config:
     optim: OptimSection = field(default_factory=OptimSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
+    cuda: CudaSection = field(default_factory=CudaSection)
 
 
 def _section_types() -> dict[str, type]:

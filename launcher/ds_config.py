@@ -158,7 +158,59 @@ def load_preset(spec: str) -> dict[str, Any]:
         own = {k: v for k, v in contents[path].items() if k not in ("extends", _COMMENT_KEY)}
         _merge(merged, own)
     _check_preset(merged, spec)
+    _stage_for_fp32_accumulation(merged, spec, named_stage=any(_names_stage(contents[p]) for p in order))
     return merged
+
+
+def _names_stage(data: Mapping[str, Any]) -> bool:
+    zero = data.get("zero_optimization")
+    return isinstance(zero, Mapping) and "stage" in zero
+
+
+def stage_named(spec: str) -> bool:
+    """Whether a file of `spec` names a ZeRO stage (else the stage is DeepSpeed's default or derived)."""
+    order, contents = _resolve(spec)
+    return any(_names_stage(contents[p]) for p in order)
+
+
+def grad_accum_dtype(preset: Mapping[str, Any]) -> str:
+    """The dtype DeepSpeed accumulates gradients in across micro-batches: data_types.grad_accum_dtype, else
+    the model's."""
+    block = preset.get("data_types")
+    return _dtype_name(block.get("grad_accum_dtype") if isinstance(block, Mapping) else None, preset)
+
+
+def communication_dtype(preset: Mapping[str, Any]) -> str:
+    """The dtype DeepSpeed all-reduces (reduce-scatters) gradients in: communication_data_type, else the model's."""
+    return _dtype_name(preset.get("communication_data_type"), preset)
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "float": "fp32", "torch.float32": "fp32",
+                "bf16": "bf16", "bfloat16": "bf16", "torch.bfloat16": "bf16",
+                "fp16": "fp16", "float16": "fp16", "half": "fp16", "torch.float16": "fp16"}
+
+
+def _dtype_name(given: Any, preset: Mapping[str, Any]) -> str:
+    return precision(preset) if given is None else _DTYPE_NAMES.get(str(given).lower(), str(given))
+
+
+def _stage_for_fp32_accumulation(preset: dict[str, Any], spec: str, named_stage: bool) -> None:
+    """bf16 with fp32 gradient accumulation (ds_configs/bf16.json) needs ZeRO ≥ 1: DeepSpeed refuses
+    grad_accum_dtype fp32 at stage 0 ("unsupported mix"), where it would sum and all-reduce bf16 gradients.
+    With no stage named anywhere in the spec, ZeRO 1 is derived (DeepSpeed's BF16 optimizer: fp32
+    accumulation and all-reduce, fp32 masters partitioned; the card says so); a named stage 0 is refused."""
+    if precision(preset) != "bf16" or grad_accum_dtype(preset) != "fp32" or zero_stage(preset) != 0:
+        return
+    if named_stage:
+        raise DsConfigError(
+            f"{spec}: ZeRO stage 0 with bf16 and data_types.grad_accum_dtype fp32: DeepSpeed accumulates and "
+            f"all-reduces gradients in the model's dtype at stage 0 and refuses fp32 there.\n"
+            f"Valid choices: ZeRO 1 (ds_configs/zero1.json: DeepSpeed's BF16 optimizer, fp32 accumulation and "
+            f"all-reduce), 2 or 3 instead of stage 0; or no stage preset at all (ZeRO 1 is then derived); or, to "
+            f"sum gradients in bf16 on purpose, an overlay with \"data_types\": {{\"grad_accum_dtype\": \"bf16\"}}.",
+            rule="bf16 accumulates in fp32",
+        )
+    preset.setdefault("zero_optimization", {})["stage"] = 1
 
 
 def _check_preset(preset: dict[str, Any], spec: str) -> None:

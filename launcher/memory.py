@@ -44,6 +44,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from launcher.ds_config import communication_dtype, grad_accum_dtype
+
 GIB = 2 ** 30
 PRECISIONS = ("fp32", "bf16", "fp16")
 BYTES_PER_ELEMENT = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -123,11 +125,14 @@ def _share(n_bytes: float, world_size: int) -> int:
 
 
 def model_state_bytes(num_params: int, stage: int, precision: str, world_size: int,
-                      persistent_params: int = 0) -> ModelStates:
+                      persistent_params: int = 0, grad_accum_dtype: str | None = None) -> ModelStates:
     """Per-rank bytes of parameters, gradients and optimizer states as DeepSpeed 0.19 holds them.
 
     persistent_params (Ψₚ): at stage 3, the parameters in tensors small enough to stay whole on every rank
-    (see `persistent_params`); ignored at stages 0–2.
+    (see `persistent_params`); ignored at stages 0–2. grad_accum_dtype (data_types.grad_accum_dtype; None: the
+    model's): fp32 accumulation of bf16/fp16 gradients (ds_configs/bf16.json) keeps fp32 gradient partitions
+    at stages 2–3 (4Ψ/N), and at stage 1 DeepSpeed's BF16 optimizer keeps fp32 accumulators of the whole
+    model beside the 16-bit gradients (pΨ + 4Ψ) (bench/bench_zero_memory.py).
     """
     _check(stage, precision, world_size)
     p = BYTES_PER_ELEMENT[precision]
@@ -138,7 +143,13 @@ def model_state_bytes(num_params: int, stage: int, precision: str, world_size: i
         params = (_share(p * n, w) + p * persistent_params, f"{p}Ψ/N + {p}Ψₚ")
     else:
         params = (_share(p * n, w), f"{p}Ψ/N")
-    grads = (p * n, f"{p}Ψ") if stage < 2 else (_share(p * n, w), f"{p}Ψ/N")
+    g = BYTES_PER_ELEMENT[grad_accum_dtype] if grad_accum_dtype in BYTES_PER_ELEMENT else p
+    if stage == 0 or g == p:
+        grads = (p * n, f"{p}Ψ") if stage < 2 else (_share(p * n, w), f"{p}Ψ/N")
+    elif stage == 1:
+        grads = ((p + g) * n, f"{p}Ψ + {g}Ψ")
+    else:
+        grads = (_share(g * n, w), f"{g}Ψ/N")
     if stage == 0:
         k = ADAM_MOMENT_BYTES + (0 if precision == "fp32" else MASTER_BYTES)
         optimizer = (k * n, f"{k}Ψ")
@@ -180,15 +191,26 @@ def persistent_params(preset: str, threshold: int = DEFAULT_PERSISTENCE_THRESHOL
 def reduce_bucket_bytes(ds_config: Mapping[str, Any], stage: int, precision: str) -> int:
     """DeepSpeed's gradient-reduction buckets at ZeRO 1–3 (0 at stage 0), with contiguous_gradients:
     reduce_bucket_size elements of the model's dtype; stage 1/2 allocate one per backward (two with
-    overlap_comm), stage 3 one for the whole run. DeepSpeed's default reduce_bucket_size is 5e8."""
+    overlap_comm), stage 3 one for the whole run, in its communication dtype (communication_data_type: fp32
+    in ds_configs/bf16.json). DeepSpeed's BF16 optimizer (bf16, fp32 accumulation, stage 1) all-reduces its
+    fp32 accumulators directly and keeps none. DeepSpeed's default reduce_bucket_size is 5e8."""
     if stage == 0:
         return 0
     zero = _zero_block(ds_config)
     if not zero.get("contiguous_gradients", True):
         return 0
+    if stage == 1 and precision == "bf16" and explicit_grad_accum_dtype(ds_config) == "fp32":
+        return 0
     size = int(zero.get("reduce_bucket_size", 500_000_000))
     copies = 1 if stage == 3 else 1 + bool(zero.get("overlap_comm", False))
-    return copies * size * BYTES_PER_ELEMENT[precision]
+    communicate = communication_dtype(ds_config) if "communication_data_type" in ds_config else precision
+    return copies * size * BYTES_PER_ELEMENT.get(communicate if stage == 3 else precision, BYTES_PER_ELEMENT[precision])
+
+
+def explicit_grad_accum_dtype(ds_config: Mapping[str, Any] | None) -> str | None:
+    """data_types.grad_accum_dtype where the config names one (else DeepSpeed accumulates in the model's dtype)."""
+    block = (ds_config or {}).get("data_types")
+    return grad_accum_dtype(ds_config) if isinstance(block, Mapping) and "grad_accum_dtype" in block else None
 
 
 def activation_bytes(preset: str, precision: str, micro_batch: int, segment_seconds: float) -> int | None:
@@ -257,7 +279,7 @@ def estimate(preset: str, stage: int, precision: str, world_size: int, micro_bat
     if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
         raise MemoryEstimateError(f"micro_batch must be a whole number >= 1, got {micro_batch!r}")
     persist = persistent_params(preset, persistence_threshold(ds_config or {})) if stage == 3 else 0
-    states = model_state_bytes(num_params, stage, precision, world_size, persist)
+    states = model_state_bytes(num_params, stage, precision, world_size, persist, explicit_grad_accum_dtype(ds_config))
     buffers = reduce_bucket_bytes(ds_config or {}, stage, precision)
     acts = activation_bytes(preset, precision, micro_batch, segment_seconds)
     measured = ACTIVATIONS.get((preset, "bf16" if precision == "fp16" else precision))

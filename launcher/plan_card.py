@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from launcher.ds_config import precision, zero_stage
+from launcher.ds_config import communication_dtype, grad_accum_dtype, precision, stage_named, zero_stage
 from launcher.memory import MemoryEstimate, fmt_bytes
 from launcher.plan import Plan, format_lr
 
@@ -56,6 +56,24 @@ def memory_rows(est: MemoryEstimate) -> Table:
     return rows
 
 
+def accumulation_text(ds_config: Mapping[str, Any], ds_spec: str | None, accumulation_steps: int) -> str:
+    """The dtypes gradients are summed across micro-batches and all-reduced in, and why (ds_configs/bf16.json)."""
+    dtype, comm, model = grad_accum_dtype(ds_config), communication_dtype(ds_config), precision(ds_config)
+    text = f"{dtype}, all-reduced in {comm}"
+    if model == "fp32":
+        return text
+    stage = zero_stage(ds_config)
+    if dtype == "fp32" and stage == 1 and model == "bf16":
+        text += " (DeepSpeed's BF16 optimizer"
+        if ds_spec and not stage_named(ds_spec):
+            text += f"; ZeRO 1 derived: no preset names a stage, and ZeRO 0 cannot accumulate {model} in fp32"
+        return text + ")"
+    if dtype != "fp32":
+        sums = f"{accumulation_steps} micro-batches summed in {dtype}" if accumulation_steps > 1 else "no accumulation"
+        text += f" ({sums}{', loss-scaled' if dtype == 'fp16' else ''}; ds_configs/bf16.json accumulates in fp32)"
+    return text
+
+
 def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
          recipe: str | None = None, memory: MemoryEstimate | None = None) -> Panel:
     nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''} × {plan.gpus_per_node} GPUs"
@@ -94,6 +112,7 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
         if opt:
             engine += f", {opt.get('type')} lr {format_lr(opt.get('params', {}).get('lr', plan.peak_lr))}"
         rows.add_row("DeepSpeed", f"{ds_spec}: {engine}" if ds_spec else engine)
+        rows.add_row("grad accumulation", accumulation_text(ds_config, ds_spec, plan.accumulation_steps))
     if recipe:
         rows.add_row("recipe", recipe)
     for note in plan.notes:

@@ -28,6 +28,7 @@ import time  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
 from launcher.config import Config, ConfigError, dump_yaml, load_config, replace_section  # noqa: E402
+from launcher.device_settings import apply_device_settings  # noqa: E402
 from launcher.dist_env import DistEnv, EnvError, read_dist_env, release_shm_segment_name  # noqa: E402
 from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan  # noqa: E402
 from launcher.plan import Plan, PlanError  # noqa: E402
@@ -154,6 +155,7 @@ class Trainer:
         if accel.device_name() == "cuda":
             torch.cuda.set_device(self.env.local_rank)
         self.device = torch.device(accel.device_name(self.env.local_rank) if accel.device_name() != "cpu" else "cpu")
+        self.device_settings = apply_device_settings(self.cfg.cuda, self.device.type)
 
     def _build_data(self):
         import torch
@@ -237,6 +239,7 @@ class Trainer:
         (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
         (self.run_dir / "plan.json").write_text(self.plan.to_json())
         (self.run_dir / "ds_config.json").write_text(json.dumps(self.ds_config, indent=1))
+        (self.run_dir / "device.json").write_text(json.dumps(self.device_settings, indent=1))
         root = Path(__file__).resolve().parent.parent
         try:
             rev = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty", "--abbrev=40"],
@@ -523,7 +526,7 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from model import apply_mask, compute_features, mask_loss, si_snr
+        from model import compute_features, validation_metrics
 
         if self.valid_loader is None:
             return float("nan")
@@ -535,12 +538,7 @@ class Trainer:
                 noisy, clean, weight = (t.to(self.device) for t in (noisy, clean, weight))
                 feats = compute_features(noisy, dither=0.0).to(self.input_dtype)
                 mask = engine(feats).float()
-                per_sample = torch.stack([mask_loss(mask[i:i + 1], noisy[i:i + 1], clean[i:i + 1])
-                                          for i in range(mask.shape[0])])
-                enhanced = apply_mask(mask, noisy)
-                n = min(enhanced.shape[-1], clean.shape[-1])
-                snr = si_snr(enhanced[..., :n], clean[..., :n])
-                snr_in = si_snr(noisy[..., :n], clean[..., :n])
+                per_sample, snr, snr_in = validation_metrics(mask, noisy, clean)
                 sums += torch.stack([(per_sample * weight).sum(), (snr * weight).sum(), (snr_in * weight).sum(),
                                      weight.sum()]).double()
         dist.all_reduce(sums)

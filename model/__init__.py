@@ -8,7 +8,7 @@ from .checkpoint import CheckpointError, export_reference_checkpoint, load_refer
 from .config import DEFAULT_PRESET, PRESETS, MossFormer2Config
 from .inference import enhance
 from .features import FEATURE_DIM, HOP, N_BINS, N_FFT, SAMPLE_RATE_HZ, compute_features, istft, num_frames, stft
-from .loss import apply_mask, mask_loss, si_snr, target_mask
+from .loss import apply_mask, mask_loss, si_snr, target_mask, validation_metrics
 from .network import MossFormer2, build_model, count_trainable_parameters
 
 __all__ = [
@@ -35,4 +35,5 @@ __all__ = [
     "si_snr",
     "stft",
     "target_mask",
+    "validation_metrics",
 ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .features import istft, num_frames, stft
+from .features import N_BINS, istft, num_frames, stft
 
 _EPS = 1e-6  # the reference's EPS in both the loss and SI-SNR
 
@@ -26,7 +26,10 @@ def _check_pair(noisy: Tensor, clean: Tensor) -> None:
 def _targets(noisy: Tensor, clean: Tensor) -> tuple[Tensor, Tensor]:
     """(target mask, loss weight), both (B, T, 961)."""
     _check_pair(noisy, clean)
-    noisy_spec, clean_spec = stft(noisy), stft(clean)
+    return _targets_from_spectra(stft(noisy), stft(clean))
+
+
+def _targets_from_spectra(noisy_spec: Tensor, clean_spec: Tensor) -> tuple[Tensor, Tensor]:
     # Magnitudes and unit phasors exactly as the reference forms them (including where EPS enters).
     noisy_abs = torch.sqrt(noisy_spec.real ** 2 + noisy_spec.imag ** 2)
     clean_abs = torch.sqrt(clean_spec.real ** 2 + clean_spec.imag ** 2)
@@ -46,12 +49,44 @@ def mask_loss(mask_pred: Tensor, noisy: Tensor, clean: Tensor) -> Tensor:
     """The reference's "l2" phase-sensitive mask loss: 0.5 * sum((M_hat - M)^2 * W) / (B * T), where
     W = |Y| / (max over frequency of |Y| + 1e-6). mask_pred (B, T, 961); noisy, clean (B, L) in [-1, 1]."""
     target, weight = _targets(noisy, clean)
+    error = _mask_error(mask_pred, target, noisy)
+    batch, frames = target.shape[0], target.shape[1]
+    return 0.5 * torch.sum(error.square() * weight) / (batch * frames)
+
+
+def _mask_error(mask_pred: Tensor, target: Tensor, noisy: Tensor) -> Tensor:
     if mask_pred.shape != target.shape:
         raise ValueError(f"mask shaped {tuple(mask_pred.shape)} does not match the {target.shape[1]} frames x "
                          f"{target.shape[2]} bins of {noisy.shape[-1]}-sample waveforms")
-    error = mask_pred.to(_real_dtype(target)) - target
-    batch, frames = target.shape[0], target.shape[1]
-    return 0.5 * torch.sum(error.square() * weight) / (batch * frames)
+    return mask_pred.to(_real_dtype(target)) - target
+
+
+def validation_metrics(mask: Tensor, noisy: Tensor, clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per batch item, (B,) each: the mask loss (``mask_loss`` of that item alone), the SI-SNR of the enhanced
+    signal (``apply_mask``) and the SI-SNR of the noisy input against the clean one, in dB. One STFT of the
+    noisy and one of the clean waveform serve the loss and the enhancement alike.
+
+    On a GPU the batch goes through at once. On the CPU it goes item by item: there torch's batched STFT and
+    the elementwise target math over a batch's spectra, which outgrow the caches, cost more per item than one
+    item at a time (bench/bench_hot_path.py)."""
+    _check_pair(noisy, clean)
+    expected = (noisy.shape[0], num_frames(noisy.shape[-1]), N_BINS)
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask shaped {tuple(mask.shape)} does not match the {expected[1]} frames x {expected[2]} "
+                         f"bins of {noisy.shape[0]} {noisy.shape[-1]}-sample waveforms")
+    if noisy.device.type != "cpu":
+        return _validation_metrics(mask, noisy, clean)
+    items = [_validation_metrics(mask[i:i + 1], noisy[i:i + 1], clean[i:i + 1]) for i in range(noisy.shape[0])]
+    return tuple(torch.cat(column) for column in zip(*items))
+
+
+def _validation_metrics(mask: Tensor, noisy: Tensor, clean: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    noisy_spec, clean_spec = stft(noisy), stft(clean)
+    target, weight = _targets_from_spectra(noisy_spec, clean_spec)
+    error = mask.to(_real_dtype(target)) - target
+    loss = 0.5 * (error.square() * weight).sum(dim=(1, 2)) / target.shape[1]
+    enhanced = istft(noisy_spec * mask.transpose(1, 2).to(noisy_spec.real.dtype), noisy.shape[-1])
+    return loss, si_snr(enhanced, clean), si_snr(noisy, clean)
 
 
 def apply_mask(mask: Tensor, noisy: Tensor) -> Tensor:

@@ -54,8 +54,9 @@ def _full_precision_table(stored: Tensor, recompute) -> Tensor:
     return recompute(stored.device)
 
 
-def _centre_tap(kernel: int, like: Tensor) -> Tensor:
-    tap = torch.zeros(kernel, dtype=like.dtype, device=like.device)
+def _centre_tap(kernel: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> Tensor:
+    """(K,): 1 at the centre, 0 elsewhere: the identity as a 'same' convolution's taps."""
+    tap = torch.zeros(kernel, dtype=dtype, device=device)
     tap[kernel // 2] = 1.0
     return tap
 
@@ -116,16 +117,21 @@ class _CpuTimeConv(torch.autograd.Function):
         return grad_x, grad_taps
 
 
-def depthwise_time_conv_residual(x: Tensor, weight: Tensor) -> Tensor:
+def depthwise_time_conv_residual(x: Tensor, weight: Tensor, identity: Tensor | None = None) -> Tensor:
     """``x + depthwise_conv(x)`` along time with 'same' zero padding, for channels-last x (B, T, C).
 
     ``weight`` holds C * K taps (shaped (C, 1, K) or (C, 1, K, 1)); the identity is folded into the centre
-    tap. Under autocast the convolution runs in the autocast dtype, as a plain convolution would.
+    tap. ``identity`` is that centre tap, ``_centre_tap(K)`` in the weight's dtype and device: the modules keep
+    it as a buffer, so that a forward does not build it again (three tiny kernels per call, 144 calls per
+    forward of the full model); without it, it is built here. Under autocast the convolution runs in the
+    autocast dtype, as a plain convolution would.
     """
     channels = x.shape[-1]
     kernel = weight.numel() // channels
     taps = weight.reshape(channels, 1, 1, kernel)
-    taps = taps + _centre_tap(kernel, taps)
+    if identity is None or identity.dtype != taps.dtype or identity.device != taps.device:
+        identity = _centre_tap(kernel, taps.dtype, taps.device)
+    taps = taps + identity
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
     x, taps = x.to(dtype).contiguous(), taps.to(dtype)
@@ -196,9 +202,11 @@ class TimeConvResidual(nn.Module):
     def __init__(self, channels: int, kernel: int) -> None:
         super().__init__()
         self.sequential = nn.Sequential(nn.Identity(), _DepthwiseConv(channels, kernel))
+        # Not in the state dict: reference checkpoints and our exports keep their keys.
+        self.register_buffer("identity_tap", _centre_tap(kernel), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return depthwise_time_conv_residual(x, self.sequential[1].conv.weight)
+        return depthwise_time_conv_residual(x, self.sequential[1].conv.weight, self.identity_tap)
 
 
 class FeedForwardConv(nn.Module):
@@ -301,10 +309,11 @@ class FSMN(nn.Module):
         self.linear = nn.Linear(dim, hidden)
         self.project = nn.Linear(hidden, dim, bias=False)
         self.conv1 = nn.Conv2d(dim, dim, (kernel, 1), groups=dim, bias=False)
+        self.register_buffer("identity_tap", _centre_tap(kernel), persistent=False)  # as in TimeConvResidual
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.project(F.relu(self.linear(x)))
-        return x + depthwise_time_conv_residual(p, self.conv1.weight)
+        return x + depthwise_time_conv_residual(p, self.conv1.weight, self.identity_tap)
 
 
 class GatedFSMN(nn.Module):

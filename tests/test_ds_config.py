@@ -36,8 +36,9 @@ SHIPPED = ["base.json", "bf16.json", "bs12.json", "bs4.json", "fp16.json",
 BATCHES = ["base.json", "bs4.json", "bs12.json"]
 STAGES = [None, "zero0.json", "zero1.json", "zero2.json", "zero3.json"]
 PRECISIONS = [None, "bf16.json", "fp16.json"]
+# zero0.json + bf16.json is refused (bf16 accumulates in fp32 only at ZeRO >= 1): tests/test_precision_presets.py
 COMBOS = ["+".join(f"ds_configs/{p}" for p in parts if p)
-          for parts in itertools.product(BATCHES, STAGES, PRECISIONS)]
+          for parts in itertools.product(BATCHES, STAGES, PRECISIONS) if parts[1:] != ("zero0.json", "bf16.json")]
 SINGLES = [f"ds_configs/{name}" for name in SHIPPED]
 
 

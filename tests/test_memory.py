@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_dry_run as run
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from launcher import memory
@@ -190,7 +190,8 @@ def test_card_shows_the_memory_section(capsys) -> None:
     assert "4 × 4 s × 332.9 MiB/sample-s" in out
     rc, out, _ = run(capsys, "--config", RECIPE, "--ds_config", "ds_configs/bs4.json+ds_configs/zero3.json+bf16.json",
                      "--num_gpus", "8", "--global_batch", "64")
-    assert rc == 0 and "2Ψ/N = 13.2 MiB" in out and "12Ψ/N = 79.1 MiB" in out and "reduce buckets" in out
+    # bf16.json accumulates in fp32: fp32 gradient partitions
+    assert rc == 0 and "4Ψ/N = 26.4 MiB" in out and "12Ψ/N = 79.1 MiB" in out and "reduce buckets" in out
     assert "2Ψ/N + 2Ψₚ = 31.6 MiB" in out and "Ψₚ = 9,681,354" in out
 
 
@@ -276,6 +277,7 @@ def test_suggest_needs_the_gpu_memory(capsys) -> None:
 @given(gib=st.floats(2.0, 160.0), gpus=st.sampled_from((1, 2, 3, 4, 8)), per_gpu=st.integers(1, 48),
        stage=st.integers(0, 3), bf16=st.booleans())
 def test_suggestions_are_feasible_plans_with_the_same_global_batch_and_lr(gib, gpus, per_gpu, stage, bf16) -> None:
+    assume(not (bf16 and stage == 0))  # refused: bf16 accumulates in fp32 only at ZeRO >= 1
     spec = f"ds_configs/zero{stage}.json" + ("+ds_configs/bf16.json" if bf16 else "")
     argv = ["--config", RECIPE, "--ds_config", spec, "--num_gpus", str(gpus), "--global_batch",
             str(per_gpu * gpus), "--batch_size", "1", "--gpu_memory_gb", f"{gib:.3f}"]

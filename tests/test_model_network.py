@@ -178,3 +178,30 @@ def test_model_package_imports_neither_deepspeed_nor_launcher():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_identity_taps_are_buffers_not_rebuilt_per_forward(tiny):
+    """The residual's identity is folded into each depthwise convolution's centre tap from a non-persistent
+    buffer: no per-call zeros/select/fill kernels (4 per call, 576 per forward of the full model), no new
+    state-dict keys, and it follows the module's dtype."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    tiny.eval()
+    with torch.no_grad(), Ops() as ops:
+        tiny(fbank(1, 40))
+    assert ops.count["aten.zeros.default"] == 0 and ops.count["aten.select.int"] == 0, ops.count
+    taps = [b for name, b in tiny.named_buffers() if name.endswith("identity_tap")]
+    assert len(taps) == 12 and not any(k.endswith("identity_tap") for k in tiny.state_dict())
+    assert all(t.sum() == 1 and t[t.numel() // 2] == 1 for t in taps)
+    assert all(t.dtype == torch.bfloat16 for name, t in tiny.bfloat16().named_buffers() if name.endswith("identity_tap"))
