@@ -185,6 +185,7 @@ class Plan:
     # warmup_samples: "command line …", "recipe FILE …", "preset FILE", "checkpoint …" or "derived: …".
     sources: tuple[tuple[str, str], ...] = ()
     warnings: tuple[str, ...] = ()
+    resumed_from: str | None = None  # the checkpoint whose global batch, LR and warmup this plan holds
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -252,7 +253,7 @@ class Plan:
         if not isinstance(d, dict):
             raise PlanError(f"plan: expected a mapping, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
-        optional = ("sources", "warnings", "notes")
+        optional = ("sources", "warnings", "resumed_from", "notes")
         derived = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "lr")
         unknown = sorted(set(d) - set(names) - set(derived))
         if unknown:
@@ -865,6 +866,7 @@ def _plan(req: PlanRequest, suggest: bool) -> Plan:
         recipe_gpus_per_node=req.recipe_gpus_per_node,
         sources=sources,
         warnings=tuple(warnings),
+        resumed_from=held.source if held is not None else None,
         notes=req.notes,
     )
 

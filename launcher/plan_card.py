@@ -98,9 +98,13 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
         rows.add_row("steps per epoch", "unknown (give --dataset_size)")
     rows.add_row("per GPU", f"{plan.samples_per_gpu_per_update} samples per update "
                             f"(the reference's effec_batch_size)")
-    rows.add_row("hold", f"{plan.hold}: on another micro-batch or world the recipe's "
-                         f"{'accumulation' if plan.hold == 'accumulation' else 'global batch'} is kept "
-                         f"(recipe written for {plan.recipe_num_nodes}×{plan.recipe_gpus_per_node} GPUs)")
+    if plan.resumed_from is not None:
+        rows.add_row("resume", f"global batch {plan.global_batch} held from {plan.resumed_from}, with its LR and "
+                               f"warmup; the accumulation is re-derived for this world")
+    elif plan.accumulation_source.startswith("derived"):
+        rows.add_row("hold", f"{plan.hold}: on another micro-batch or world the recipe's "
+                             f"{'accumulation' if plan.hold == 'accumulation' else 'global batch'} is kept "
+                             f"(recipe written for {plan.recipe_num_nodes}×{plan.recipe_gpus_per_node} GPUs)")
     if ds_config is not None:
         clip = ds_config.get("gradient_clipping")
         engine = f"ZeRO {zero_stage(ds_config)}, {precision(ds_config)}"

@@ -319,3 +319,24 @@ def _timed(argv: list[str]) -> float:
     proc = _python(*argv)
     assert proc.returncode == 0, proc.stderr
     return time.perf_counter() - start
+
+
+def test_the_card_of_a_resumed_plan_says_what_the_checkpoint_holds() -> None:
+    import io
+
+    from launcher.plan import AccumSpec, PlanRequest, ResumeHold, make_plan
+    from launcher.plan_card import print_card
+
+    held = ResumeHold(source="checkpoint runs/x/checkpoints/step00000120", global_batch=128, peak_lr=4e-3,
+                      base_lr=5e-4, reference_batch=16, lr_rule="linear", lr_derivation="5e-4 × 128/16 = 4e-3 (linear)",
+                      warmup_samples=32000, warmup_from_lr=5e-4)
+    plan = make_plan(PlanRequest(batch_size=4, num_nodes=1, gpus_per_node=8,
+                                 recipe_accum=AccumSpec(accu_grad=1, effec_batch_size=8), resume=held))
+    out = io.StringIO()
+    print_card(plan, file=out)
+    text = flat(out.getvalue())
+    assert "4 × 4 × 8 = 128 samples per update" in text
+    assert ("resume global batch 128 held from checkpoint runs/x/checkpoints/step00000120, with its LR and warmup; "
+            "the accumulation is re-derived for this world") in text
+    assert "learning rate 4e-3 — held from checkpoint runs/x/checkpoints/step00000120" in text
+    assert "hold accumulation" not in text

@@ -244,6 +244,8 @@ def test_resume_holds_the_checkpoints_global_batch_lr_and_warmup_on_any_world() 
         assert plan.lr_derivation == ("4e-3 held from checkpoint run/checkpoints/step00000003 "
                                       "(5e-4 × 128/16 = 4e-3 (linear))")
         assert plan.warnings == ()  # the LR is the checkpoint's, not this plan's choice
+        assert plan.resumed_from == "checkpoint run/checkpoints/step00000003"
+        assert Plan.from_json(plan.to_json()) == plan
     with pytest.raises(PlanError) as info:
         make_plan(req(nodes=1, gpus=3, resume=held))
     assert "global batch 128 (held from checkpoint run/checkpoints/step00000003) cannot be split over 3 GPUs" \

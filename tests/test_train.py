@@ -195,8 +195,9 @@ def test_resume_on_fewer_ranks_keeps_global_batch_lr_and_cursor(demo_corpus, tmp
     assert plan1["global_batch"] == plan2["global_batch"] and plan1["peak_lr"] == plan2["peak_lr"]
     assert plan1["accumulation_steps"] == 2 * plan2["accumulation_steps"]
     assert "universal" in proc.stdout
-    assert "held from checkpoint" in proc.stdout and plan1["sources"]["global_batch"].startswith(
-        f"held from checkpoint {run_dir / 'checkpoints' / 'step00000003'}")
+    assert "global batch 16 held from checkpoint" in " ".join(proc.stdout.replace("│", " ").split())
+    assert plan1["resumed_from"] == f"checkpoint {run_dir / 'checkpoints' / 'step00000003'}"
+    assert plan1["sources"]["global_batch"].startswith(f"held from {plan1['resumed_from']}")
     after = json.loads((run_dir / "checkpoints" / "step00000005" / "COMPLETE.json").read_text())
     cursor_before = before["state"]["sampler"]["cursor"]
     assert after["state"]["sampler"]["cursor"] == cursor_before + 2 * plan1["global_batch"] or \
