@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import ACCUMULATION_KEYS, Config, ConfigError, load_config, load_config_with_origins, parse_override
+from launcher.config import (ACCUMULATION_KEYS, Config, ConfigError, load_config, load_config_with_origins,
+                             parse_override)
 from launcher.ds_config import DEFAULT_PRESET, load_preset, preset_files, preset_micro_batch, render
 from launcher.memory import (GIB, MemoryEstimateError, MemoryEstimate, engine_settings, estimate, estimate_for,
                              fmt_bytes, largest_fitting_micro_batch)

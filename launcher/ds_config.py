@@ -281,7 +281,8 @@ def _check_preset(preset: dict[str, Any], spec: str, where: Any = None) -> None:
                                                 or value < 0):
                 raise DsConfigError(f"{where(name, key)}: {name}.{key} must be a number >= 0, got {value!r}",
                                     rule="precision block")
-    enabled = [p for p in ("bf16", "bfloat16", "fp16") if isinstance(preset.get(p), Mapping) and preset[p].get("enabled")]
+    enabled = [p for p in ("bf16", "bfloat16", "fp16")
+               if isinstance(preset.get(p), Mapping) and preset[p].get("enabled")]
     if len(enabled) > 1:
         raise DsConfigError(f"{spec}: {' and '.join(enabled)} are both enabled; pick one precision overlay",
                             rule="one precision")

@@ -139,7 +139,7 @@ class PlanRequest:
     gpus_per_node: int
     recipe_accum: AccumSpec  # from the YAML recipe
     cli_accum: AccumSpec = AccumSpec()  # from the command line: any way given here replaces the recipe's
-    recipe_batch_size: int | None = None  # the recipe's own batch_size, at which its accumulation is read (None: batch_size)
+    recipe_batch_size: int | None = None  # the recipe's batch_size, where its accumulation is read (None: batch_size)
     recipe_num_nodes: int = 1  # the world the recipe's accumulation was written for
     recipe_gpus_per_node: int = 2
     hold: str = HOLDS[0]  # or "global_batch"
@@ -296,7 +296,8 @@ def auto_warmup_samples(reference_batch: int, adam_beta2: float, dataset_size: i
     by_adam = updates * reference_batch
     how = f"2/(1 − β2) = {updates} updates × reference batch {reference_batch} = {by_adam} samples"
     if dataset_size is None:
-        return by_adam, f"{how} (or {WARMUP_EPOCHS} epochs on a corpus of fewer than {-(-by_adam // WARMUP_EPOCHS)} examples)"
+        small = -(-by_adam // WARMUP_EPOCHS)
+        return by_adam, f"{how} (or {WARMUP_EPOCHS} epochs on a corpus of fewer than {small} examples)"
     by_epochs = WARMUP_EPOCHS * dataset_size
     epochs = f"{WARMUP_EPOCHS} epochs × {dataset_size} = {by_epochs} samples"
     if by_epochs < by_adam:

@@ -5,8 +5,10 @@ followed by either the reference's plateau rule or a cosine decay. When the plan
 base_lr (k > 1) the ramp starts from base_lr, Goyal et al.'s (2017) gradual warmup: base_lr is the LR
 known to be stable at the reference batch, and a ramp from near 0 would spend the warmup's first steps
 at LRs far below it, learning little, while a new run's loss is still high. Otherwise (an explicit
-warmup at k <= 1) it starts from 0; the first step is then peak/warmup_steps, never 0. The schedule's whole state is a small dict saved in every checkpoint, so
-a resumed run continues with the same LR and the same count of bad epochs.
+warmup at k <= 1) it starts from 0; the first step is then peak/warmup_steps, never 0.
+
+The schedule's whole state is a small dict saved in every checkpoint, so a resumed run continues with
+the same LR and the same count of bad epochs.
 """
 
 from __future__ import annotations

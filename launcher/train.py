@@ -112,10 +112,11 @@ def check_before_launch(cfg: Config, ds_config: dict, plan: Plan, ds_spec: str, 
 
     d = cfg.data
     if not d.train_list:
+        where = f"recipe {recipe} sets none" if recipe else "the built-in defaults have none"
         raise ConfigError(
-            f"data.train_list is not set ({f'recipe {recipe} sets none' if recipe else 'the built-in defaults have none'}"
-            "): give a recipe (e.g. --config recipes/train_48k.yaml) or data.train_list=PATH, a list file of "
-            "`noisy clean [seconds]` lines (python -m data.demo runs/demo_corpus writes a demo corpus)")
+            f"data.train_list is not set ({where}): give a recipe (e.g. --config recipes/train_48k.yaml) or "
+            "data.train_list=PATH, a list file of `noisy clean [seconds]` lines (python -m data.demo "
+            "runs/demo_corpus writes a demo corpus)")
     for key in ("train_list", "valid_list"):
         path = getattr(d, key)
         if path and not Path(path).is_file():
