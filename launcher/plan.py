@@ -678,7 +678,7 @@ def _resume_conflict_error(req: PlanRequest, cli: _Way) -> PlanError:
         + f", pass --global_batch {g}, or start a new run instead of resuming",
     ]
     return PlanError("\n".join(lines), rule="a resumed run holds its checkpoint's global batch",
-                     suggestions={"global_batch": (g,) if k else ()})
+                     suggestions={"global_batch": _keep_feasible(req, "global_batch", [g]) if k else ()})
 
 
 def _recipe_steps_error(req: PlanRequest, way: _Way, b_r: int, w_r: int) -> PlanError:
