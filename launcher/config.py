@@ -10,21 +10,136 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from launcher.plan import HOLDS, LR_RULES, WARMUP_AUTO
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message says which key and why."""
 
+    def __init__(self, message: str, key: tuple[str, str] | None = None):
+        super().__init__(message)
+        self.key = key  # (section, key) of a value out of range, so that the caller can name where it came from
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one recipe key: a closed or open interval, or a set of choices."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False  # low < x rather than low <= x
+    high_open: bool = False
+    choices: tuple[Any, ...] = ()
+    also: tuple[Any, ...] = ()  # values valid besides the interval (e.g. "auto")
+
+    def holds(self, value: Any) -> bool:
+        if value in self.also and not isinstance(value, bool):
+            return True
+        if self.choices:
+            return any(value == c and type(value) is type(c) for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def text(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        low, high = _number(self.low), _number(self.high)
+        if self.low is not None and self.high is not None:
+            if not self.low_open and not self.high_open:
+                span = f"between {low} and {high}"
+            else:
+                span = f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            span = f"{'>' if self.low_open else '>='} {low}"
+        else:
+            span = f"{'<' if self.high_open else '<='} {high}"
+        return span + "".join(f" or {a!r}" for a in self.also)
+
+
+def _number(x: float | None) -> str:
+    if x is None:
+        return ""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _at_least(low: int) -> Range:
+    return Range(low=low)
+
+
+_POSITIVE = Range(low=0, low_open=True)
+_FRACTION = Range(low=0, high=1, high_open=True)  # Adam's betas
+_UNIT = Range(low=0, high=1)
+# Seeds feed numpy, torch and Python generators alike; 32 bits is what all of them accept.
+_SEED = Range(low=0, high=2**32 - 1)
+_NON_EMPTY = "non-empty"  # a string key that must not be empty when set
+
+# The valid range of every recipe key that is not free text (section → key → Range, or _NON_EMPTY for paths
+# and names). A key that is None where its type allows it means "not set" and is not checked.
+RANGES: dict[str, dict[str, Range | str]] = {
+    "model": {"preset": _NON_EMPTY},
+    "data": {
+        "train_list": _NON_EMPTY, "valid_list": _NON_EMPTY, "cache_dir": _NON_EMPTY,
+        "sample_rate_hz": _at_least(1), "segment_seconds": _POSITIVE, "num_workers": _at_least(0),
+        "prefetch_factor": _at_least(1), "thread_prefetch": _at_least(0), "loader_nice": Range(low=0, high=19),
+    },
+    "batch": {
+        "batch_size": _at_least(1), "accu_grad": Range(choices=(0, 1)), "effec_batch_size": _at_least(1),
+        "gradient_accumulation_steps": _at_least(1), "global_batch": _at_least(1),
+        "recipe_num_nodes": _at_least(1), "recipe_gpus_per_node": _at_least(1), "hold": Range(choices=HOLDS),
+    },
+    "optim": {
+        "base_lr": _POSITIVE, "reference_batch": _at_least(1), "lr_rule": Range(choices=LR_RULES),
+        "warmup_samples": Range(low=0, also=(WARMUP_AUTO,)), "betas": _FRACTION, "eps": _POSITIVE,
+        "weight_decay": Range(low=0),
+    },
+    "schedule": {
+        "kind": Range(choices=("plateau", "cosine")), "halve_after": _at_least(1), "stop_after": _at_least(1),
+        "factor": Range(low=0, high=1, low_open=True), "min_lr_ratio": _UNIT,
+    },
+    "train": {
+        "max_epoch": _at_least(1), "max_steps": _at_least(1), "seed": _SEED, "run_dir": _NON_EMPTY,
+        "log_interval_steps": _at_least(1), "save_interval_steps": _at_least(1), "keep_last": _at_least(1),
+        "valid_interval_steps": _at_least(1), "max_consecutive_nonfinite": _at_least(1),
+    },
+    "cuda": {},  # true/false switches only
+}
+
+
+def _check_ranges(section_obj: Any, section: str) -> None:
+    """Refuse a value outside its key's range, naming the key, the value and the range."""
+    for key, rule in RANGES.get(section, {}).items():
+        value = getattr(section_obj, key)
+        if value is None:
+            continue
+        if rule == _NON_EMPTY:
+            if not str(value).strip():
+                raise ConfigError(f"{section}.{key} must be a non-empty string, got {value!r}", (section, key))
+            continue
+        for item in (value if isinstance(value, tuple) else (value,)):
+            if not rule.holds(item):
+                finite = "a finite number " if isinstance(item, float) and not math.isfinite(item) else ""
+                raise ConfigError(f"{section}.{key} must be {finite}{rule.text()}, got {value!r}", (section, key))
+
 
 @dataclass(frozen=True)
 class ModelSection:
     preset: str = "mossformer2_se_48k"
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "model")
 
 
 @dataclass(frozen=True)
@@ -51,14 +166,7 @@ class DataSection:
     loader_nice: int = 0
 
     def __post_init__(self) -> None:
-        for key, low, high in (("num_workers", 0, None), ("prefetch_factor", 1, None), ("thread_prefetch", 0, None),
-                               ("loader_nice", 0, 19)):
-            value = getattr(self, key)
-            if value < low or (high is not None and value > high):
-                span = f"between {low} and {high}" if high is not None else f">= {low}"
-                raise ConfigError(f"data.{key} must be {span}, got {value}")
-        if not self.segment_seconds > 0:
-            raise ConfigError(f"data.segment_seconds must be > 0, got {self.segment_seconds}")
+        _check_ranges(self, "data")
 
 
 @dataclass(frozen=True)
@@ -73,7 +181,11 @@ class BatchSection:
     # The world the recipe's accumulation was written for (the reference: 2 GPUs on one node).
     recipe_num_nodes: int = 1
     recipe_gpus_per_node: int = 2
-    hold: str = "global_batch"
+    # On another micro-batch or world: keep the accumulation (the global batch and LR follow) or the global batch.
+    hold: str = HOLDS[0]
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "batch")
 
 
 @dataclass(frozen=True)
@@ -81,10 +193,14 @@ class OptimSection:
     base_lr: float = 5e-4
     reference_batch: int = 16
     lr_rule: str = "linear"
-    warmup_samples: int = 0
+    # "auto": a warmup from base_lr whenever the plan raises the LR above it (launcher/plan.py auto_warmup_samples).
+    warmup_samples: int | Literal["auto"] = WARMUP_AUTO
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "optim")
 
 
 @dataclass(frozen=True)
@@ -103,6 +219,9 @@ class ScheduleSection:
     factor: float = 0.5
     min_lr_ratio: float = 0.0
 
+    def __post_init__(self) -> None:
+        _check_ranges(self, "schedule")
+
 
 @dataclass(frozen=True)
 class TrainSection:
@@ -120,6 +239,9 @@ class TrainSection:
     # Abort after this many consecutive optimizer steps with a non-finite loss.
     max_consecutive_nonfinite: int = 5
     progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "train")
 
 
 @dataclass(frozen=True)
@@ -165,7 +287,17 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        expected = []
+        for option in inner:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                expected.append(str(e).split(": expected ", 1)[-1].split(", got ", 1)[0])
+        raise ConfigError(f"{where}: expected {' or '.join(expected)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{where}: expected {' or '.join(repr(a) for a in args)}, got {value!r}")
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value)
@@ -205,7 +337,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
+def _build_section(cls: type, values: dict[str, Any], where: str,
+                   origins: dict[tuple[str, str], str] | None = None) -> Any:
     hints = typing.get_type_hints(cls)
     valid = [f.name for f in fields(cls)]
     unknown = sorted(set(values) - set(valid))
@@ -214,11 +347,18 @@ def _build_section(cls: type, values: dict[str, Any], where: str) -> Any:
             f"{where}: unknown key(s) {', '.join(unknown)}; valid keys of '{where.split(':')[-1]}': "
             f"{', '.join(valid)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    section = where.split(":")[-1]
+
+    def key_where(k: str) -> str:
+        origin = (origins or {}).get((section, k))
+        return f"{origin}: {section}.{k}" if origin else f"{where}.{k}"
+
+    kwargs = {k: _coerce(v, hints[k], key_where(k)) for k, v in values.items()}
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], where: str) -> None:
+def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], where: str,
+           origins: dict[tuple[str, str], str] | None = None) -> None:
     sections = _section_types()
     if not isinstance(extra, dict):
         raise ConfigError(f"{where}: expected a mapping of sections, got {type(extra).__name__}")
@@ -232,6 +372,8 @@ def _merge(base: dict[str, dict[str, Any]], extra: dict[str, Any], where: str) -
         if not isinstance(values, dict):
             raise ConfigError(f"{where}:{name}: expected a mapping, got {values!r}")
         base.setdefault(name, {}).update(values)
+        if origins is not None:
+            origins.update({(name, key): where for key in values})
 
 
 def parse_override(text: str) -> tuple[str, str, str]:
@@ -255,7 +397,8 @@ def _replace_accumulation_way(raw: dict[str, dict[str, Any]], layer: dict[str, A
             raw.setdefault("batch", {})[key] = None
 
 
-def _read_recipe(path: Path, raw: dict[str, dict[str, Any]], chain: tuple[Path, ...] = ()) -> None:
+def _read_recipe(path: Path, raw: dict[str, dict[str, Any]], origins: dict[tuple[str, str], str],
+                 chain: tuple[Path, ...] = ()) -> None:
     """Merge a YAML recipe into `raw`, after the recipe it `extends` (a path relative to it), if any."""
     if path.resolve() in chain:
         raise ConfigError(f"{path}: 'extends' cycle: {' → '.join(str(p) for p in (*chain, path))}")
@@ -269,18 +412,26 @@ def _read_recipe(path: Path, raw: dict[str, dict[str, Any]], chain: tuple[Path, 
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if isinstance(loaded, dict) and "extends" in loaded:
         parent = loaded.pop("extends")
-        _read_recipe(path.parent / str(parent), raw, (*chain, path.resolve()))
+        _read_recipe(path.parent / str(parent), raw, origins, (*chain, path.resolve()))
     _replace_accumulation_way(raw, loaded)
-    _merge(raw, loaded, str(path))
+    _merge(raw, loaded, str(path), origins)
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
     """Defaults < YAML at `path` (after the recipe it `extends`) < `overrides` (each `section.key=value`)."""
+    return load_config_with_origins(path, overrides)[0]
+
+
+def load_config_with_origins(path: str | Path | None = None, overrides: typing.Iterable[str] = ()
+                             ) -> tuple[Config, dict[tuple[str, str], str]]:
+    """The config and, for every (section, key) a layer set, that layer: a recipe file's path, or
+    "command line 'section.key=value'" for an override. Keys absent from the mapping are built-in defaults."""
     raw: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
     where = "defaults"
     if path is not None:
         where = str(path)
-        _read_recipe(Path(path), raw)
+        _read_recipe(Path(path), raw, origins)
     layer: dict[str, dict[str, Any]] = {}
     for text in overrides:
         section, key, value = parse_override(text)
@@ -289,14 +440,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] 
             parsed = yaml.safe_load(value) if value else value
         except yaml.YAMLError:
             parsed = value
-        _merge(layer, {section: {key: parsed}}, f"override {text!r}")
+        _merge(layer, {section: {key: parsed}}, f"command line {text!r}", origins)
     _replace_accumulation_way(raw, layer)
     _merge(raw, layer, "overrides")
     sections = _section_types()
-    built = {
-        name: _build_section(cls, raw.get(name, {}), f"{where}:{name}") for name, cls in sections.items()
-    }
-    return Config(**built)
+    built = {}
+    for name, cls in sections.items():
+        try:
+            built[name] = _build_section(cls, raw.get(name, {}), f"{where}:{name}", origins)
+        except ConfigError as e:
+            if e.key is None:
+                raise
+            # A value out of range: say which layer set it.
+            raise ConfigError(f"{origins.get(e.key, 'built-in defaults')}: {e}", e.key) from None
+    return Config(**built), origins
 
 
 def replace_section(cfg: Config, section: str, **changes: Any) -> Config:

@@ -21,11 +21,13 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import Config, ConfigError, load_config, parse_override
+from launcher.config import (ACCUMULATION_KEYS, Config, ConfigError, load_config, load_config_with_origins,
+                             parse_override)
 from launcher.ds_config import DEFAULT_PRESET, load_preset, preset_files, preset_micro_batch, render
 from launcher.memory import (GIB, MemoryEstimateError, MemoryEstimate, engine_settings, estimate, estimate_for,
                              fmt_bytes, largest_fitting_micro_batch)
-from launcher.plan import HOLDS, LR_RULES, AccumSpec, Plan, PlanError, PlanRequest, make_plan
+from launcher.plan import (HOLDS, LR_RULES, WARMUP_AUTO, AccumSpec, Origins, Plan, PlanError, PlanRequest, ResumeHold,
+                           make_plan)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,39 +48,83 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--global_batch", type=int, metavar="S", help="samples per update over all GPUs")
     g.add_argument("--lr_rule", choices=LR_RULES, help="how the LR follows the global batch (default: the recipe's)")
     g.add_argument("--hold", choices=HOLDS,
-                   help="what to keep when the world differs from the recipe's (default: the recipe's)")
+                   help="what to keep of the recipe's batch when the micro-batch or the world differs from the "
+                        "recipe's: its accumulation (the global batch and LR follow) or its global batch "
+                        "(default: the recipe's, else accumulation); a resumed run always keeps its checkpoint's")
+    g.add_argument("--warmup_samples", type=_warmup_value, metavar="N|auto",
+                   help="LR warmup in samples; 0 switches it off; auto (the default) ramps from base_lr whenever "
+                        "the plan raises the LR above it")
+
+
+def _warmup_value(text: str) -> int | str:
+    if text == WARMUP_AUTO:
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0 or {WARMUP_AUTO!r}, got {text!r}")
+    return value
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [*(getattr(args, "set", None) or ()), *(getattr(args, "overrides", None) or ())]
 
 
 def _cli_set_keys(args: argparse.Namespace) -> set[tuple[str, str]]:
     keys = set()
-    for text in [*(getattr(args, "set", None) or ()), *(getattr(args, "overrides", None) or ())]:
+    for text in _overrides(args):
         section, key, _ = parse_override(text)
         keys.add((section, key))
     return keys
 
 
 def plan_from_args(args: argparse.Namespace, cfg: Config, num_nodes: int | None, gpus_per_node: int | None,
-                   dataset_size: int | None = None) -> tuple[Plan, dict[str, Any]]:
+                   dataset_size: int | None = None, *, world_source: str = "the launcher",
+                   resume: ResumeHold | None = None) -> tuple[Plan, dict[str, Any]]:
     """The plan and the rendered DeepSpeed config for the parsed flags, the recipe and a world.
 
-    num_nodes/gpus_per_node None: --num_nodes/--num_gpus if given, else the recipe's world.
+    num_nodes/gpus_per_node None: --num_nodes/--num_gpus if given, else the recipe's world; else
+    `world_source` says where the caller's world came from. `resume`: the checkpoint this run continues.
 
-    The micro-batch comes from --batch_size (or --set batch.batch_size), else from the preset's
-    train_micro_batch_size_per_gpu (bs12.json → 12), else from the recipe's batch.batch_size.
-    A preset's micro-batch that the command line contradicts is an error; the recipe's is replaced
-    (the preset was chosen for this launch), and the plan's notes say so.
+    Explicit values are the command line's (flags and SECTION.KEY=VALUE overrides); the recipe, the
+    preset and the world are inherited (see launcher/plan.py). The micro-batch comes from --batch_size
+    (or the override batch.batch_size), else from the preset's train_micro_batch_size_per_gpu
+    (bs12.json → 12), else from the recipe's batch.batch_size. A preset's micro-batch that the command
+    line contradicts is an error; the recipe's is replaced, and its accumulation read at its own
+    batch_size (effec_batch_size 8 at batch_size 4: 2 micro-batches, kept at 12).
     """
-    if num_nodes is None:
-        num_nodes = args.num_nodes if getattr(args, "num_nodes", None) is not None else cfg.batch.recipe_num_nodes
-    if gpus_per_node is None:
-        gpus_per_node = (args.num_gpus if getattr(args, "num_gpus", None) is not None
-                         else cfg.batch.recipe_gpus_per_node)
+    recipe_path = getattr(args, "config", None)
+    recipe_name = f"recipe {recipe_path}" if recipe_path else "built-in defaults"
+    recipe_cfg, recipe_origins = load_config_with_origins(recipe_path)
+    _, origins = load_config_with_origins(recipe_path, _overrides(args))
+    cli_keys = _cli_set_keys(args)
+
+    def origin(section: str, key: str, flag: str | None = None) -> str:
+        if flag is not None and getattr(args, flag, None) is not None:
+            return f"command line --{flag} {getattr(args, flag)}"
+        if (section, key) in cli_keys:
+            return origins[(section, key)]
+        if (section, key) in recipe_origins:
+            return f"recipe {recipe_origins[(section, key)]}"
+        return "built-in default"
+
+    b = cfg.batch
+    if num_nodes is None and gpus_per_node is None:
+        num_nodes = args.num_nodes if getattr(args, "num_nodes", None) is not None else b.recipe_num_nodes
+        gpus_per_node = args.num_gpus if getattr(args, "num_gpus", None) is not None else b.recipe_gpus_per_node
+        flags = [f"--{f} {getattr(args, f)}" for f in ("num_nodes", "num_gpus") if getattr(args, f, None) is not None]
+        recipe_world = ", ".join(dict.fromkeys(origin("batch", key) for key, flag in
+                                               (("recipe_num_nodes", "num_nodes"), ("recipe_gpus_per_node", "num_gpus"))
+                                               if getattr(args, flag, None) is None))
+        world_source = "; ".join(([f"command line {' '.join(flags)}"] if flags else [])
+                                 + ([f"{recipe_world} (the recipe's world)"] if recipe_world else []))
     spec = getattr(args, "ds_config", None) or DEFAULT_PRESET
     preset = load_preset(spec)
     promised = preset_micro_batch(preset)
-    b = cfg.batch
     cli_batch, cli_name = args.batch_size, "--batch_size"
-    if cli_batch is None and ("batch", "batch_size") in _cli_set_keys(args):
+    if cli_batch is None and ("batch", "batch_size") in cli_keys:
         cli_batch, cli_name = b.batch_size, "the override batch.batch_size"
     if cli_batch is not None and promised is not None and cli_batch != promised:
         raise PlanError(
@@ -88,32 +134,49 @@ def plan_from_args(args: argparse.Namespace, cfg: Config, num_nodes: int | None,
             f"(ds_configs/base.json) with {cli_name} {cli_batch}.",
             rule="preset agrees with the plan",
         )
+    recipe_batch = recipe_cfg.batch.batch_size
     if cli_batch is not None:
-        micro, note = cli_batch, f"micro-batch {cli_batch} from {cli_name}"
+        micro, micro_source = cli_batch, origin("batch", "batch_size", "batch_size")
     elif promised is not None:
         micro = promised
-        note = f"micro-batch {promised} from {spec}" + (
-            f" (replaces the recipe's batch_size {b.batch_size})" if b.batch_size != promised else "")
+        micro_source = f"preset {spec}" + (
+            f" (replaces batch_size {recipe_batch} of {recipe_name})" if recipe_batch != promised else "")
     else:
-        micro, note = b.batch_size, f"micro-batch {b.batch_size} from the recipe's batch.batch_size"
+        micro, micro_source = b.batch_size, origin("batch", "batch_size")
 
+    def cli_value(key: str) -> int | None:
+        flag = getattr(args, key, None)
+        if flag is not None:
+            return flag
+        return getattr(b, key) if ("batch", key) in cli_keys else None
+
+    if getattr(args, "warmup_samples", None) is not None:
+        warmup, warmup_cli = args.warmup_samples, True
+    else:
+        warmup, warmup_cli = cfg.optim.warmup_samples, ("optim", "warmup_samples") in cli_keys
+    r = recipe_cfg.batch
     req = PlanRequest(
         batch_size=micro,
         num_nodes=num_nodes,
         gpus_per_node=gpus_per_node,
-        recipe_accum=AccumSpec(b.accu_grad, b.effec_batch_size, b.gradient_accumulation_steps, b.global_batch),
-        cli_accum=AccumSpec(args.accu_grad, args.effec_batch_size, args.gradient_accumulation_steps,
-                            args.global_batch),
+        recipe_accum=AccumSpec(r.accu_grad, r.effec_batch_size, r.gradient_accumulation_steps, r.global_batch),
+        cli_accum=AccumSpec(*(cli_value(key) for key in ACCUMULATION_KEYS)),
+        recipe_batch_size=recipe_batch,
         recipe_num_nodes=b.recipe_num_nodes,
         recipe_gpus_per_node=b.recipe_gpus_per_node,
         hold=args.hold or b.hold,
         base_lr=cfg.optim.base_lr,
         reference_batch=cfg.optim.reference_batch,
         lr_rule=args.lr_rule or cfg.optim.lr_rule,
-        warmup_samples=cfg.optim.warmup_samples,
+        warmup_samples=warmup,
+        warmup_from_command_line=warmup_cli,
+        adam_beta2=cfg.optim.betas[1],
         segment_seconds=cfg.data.segment_seconds,
         dataset_size=dataset_size,
-        notes=(note,),
+        resume=resume,
+        recipe_name=recipe_name,
+        origins=Origins(batch_size=micro_source, world=world_source, hold=origin("batch", "hold", "hold"),
+                        lr=origin("optim", "base_lr"), warmup=origin("optim", "warmup_samples", "warmup_samples")),
     )
     try:
         plan = make_plan(req)
@@ -127,6 +190,34 @@ def plan_from_args(args: argparse.Namespace, cfg: Config, num_nodes: int | None,
         ) from None
     optim = {"betas": tuple(cfg.optim.betas), "eps": cfg.optim.eps, "weight_decay": cfg.optim.weight_decay}
     return plan, render(preset, plan, optim=optim, source=spec)
+
+
+def resume_hold(marker: dict[str, Any], where: str) -> ResumeHold:
+    """What a checkpoint's COMPLETE.json marker (launcher/checkpoint.py) fixes for the run that resumes it."""
+    plan = marker.get("plan") if isinstance(marker, dict) else None
+    if not isinstance(plan, dict):
+        raise PlanError(f"{where}: its marker has no plan; cannot tell its global batch and LR", rule="resume marker")
+    try:
+        peak, base = plan["peak_lr"], plan["base_lr"]
+        hold = ResumeHold(
+            source=where,
+            global_batch=marker["global_batch"],
+            peak_lr=peak,
+            base_lr=base,
+            reference_batch=plan["reference_batch"],
+            lr_rule=plan["lr_rule"],
+            lr_derivation=plan.get("lr_derivation", ""),
+            warmup_samples=plan.get("warmup_samples", 0),
+            # Markers written before warmups started from base_lr ramped from 0.
+            warmup_from_lr=plan.get("warmup_from_lr", 0.0),
+        )
+    except KeyError as e:
+        raise PlanError(f"{where}: its marker lacks {e.args[0]!r}; cannot tell its global batch and LR",
+                        rule="resume marker") from None
+    if hold.global_batch != plan.get("global_batch", hold.global_batch):
+        raise PlanError(f"{where}: its marker says global_batch {hold.global_batch} but its plan says "
+                        f"{plan['global_batch']}", rule="resume marker")
+    return hold
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,13 +10,21 @@ settings are never undone by a base that a later overlay extends again.
 
 `render(preset, plan)` adds the batch triple and the LR from the plan. A preset that already
 holds one of those numbers must agree with the plan: a disagreement is an error, not an override.
-Only the standard library is imported (the dry run stays fast).
+
+Two levels of checking. Loading a preset checks, without DeepSpeed, what can go wrong silently or
+late: top-level keys DeepSpeed does not know (it ignores them), keys it removed, the ZeRO block
+(its keys, stage 0-3), the precision blocks (their keys, booleans), clipping and the optimizer
+block. `validate_with_deepspeed` (training, before any process group) then runs DeepSpeed's own
+config model at the run's world size. Only the standard library is imported here at module level
+(the dry run stays fast).
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +42,58 @@ _SCHEDULER_KEYS = {
     "WarmupDecayLR": ("warmup_max_lr", "warmup_num_steps"),
     "WarmupCosineLR": (None, "warmup_num_steps"),  # its peak is the optimizer's lr
 }
+
+
+# What DeepSpeed 0.19.8 reads, pinned here so that the dry run needs no DeepSpeed import; tests/test_ds_config.py
+# checks each set against the installed DeepSpeed (the top-level keys DeepSpeedConfig reads, and the fields and
+# aliases of its pydantic models), so an upgrade that changes them fails a test instead of passing silently.
+DEEPSPEED_KEYS = frozenset({
+    "activation_checkpointing", "aio", "autotuning", "bf16", "bfloat16", "checkpoint", "comet", "comms_logger",
+    "communication_data_type", "compile", "csv_monitor", "data_efficiency", "data_types", "dataloader_drop_last",
+    "datastates_ckpt", "disable_allgather", "disable_python_gc", "dump_state", "expert_parallel", "flops_profiler",
+    "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping", "gradient_predivide_factor",
+    "hybrid_engine", "log_level", "managed_gradient_accumulation", "memory_breakdown", "optimizer", "pipeline",
+    "prescale_gradients", "scheduler", "seq_parallel_communication_data_type", "sequence_parallel_size",
+    "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast", "train_batch_size",
+    "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism", "vocabulary_size", "wall_clock_breakdown",
+    "wandb", "weight_quantization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "zero_optimization",
+})
+# Top-level keys DeepSpeed 0.19 removed (it refuses them after the process group starts).
+REMOVED_KEYS = frozenset({
+    "amp", "compression_training", "curriculum_learning", "eigenvalue", "elasticity", "graph_harvesting", "nebula",
+    "progressive_layer_drop", "quantize_training", "sparse_attention", "sparse_gradients",
+})
+ZERO_KEYS = frozenset({
+    "allgather_bucket_size", "allgather_partitions", "allgather_sequential", "compute_grad_norm",
+    "contiguous_gradients", "cpu_offload", "cpu_offload_param", "cpu_offload_use_pin_memory", "elastic_checkpoint",
+    "enable_sanity_checks", "gather_16bit_weights_on_model_save", "ignore_unused_parameters", "leaf_module",
+    "legacy_stage1", "load_from_fp32_weights", "log_trace_cache_warnings", "max_live_parameters",
+    "max_reuse_distance", "memory_efficient_linear", "model_persistence_threshold", "module_granularity_threshold",
+    "offload_optimizer", "offload_param", "overlap_comm", "override_module_apply", "param_persistence_threshold",
+    "parameter_alignment", "pipeline_loading_checkpoint", "prefetch_bucket_size", "reduce_bucket_size",
+    "reduce_scatter", "round_robin_gradients", "save_muon_momentum_buffer_in_memory", "stage",
+    "stage3_allgather_sequential", "stage3_gather_16bit_weights_on_model_save",
+    "stage3_gather_fp16_weights_on_model_save", "stage3_max_live_parameters", "stage3_max_reuse_distance",
+    "stage3_model_persistence_threshold", "stage3_module_granularity_threshold", "stage3_param_persistence_threshold",
+    "stage3_prefetch_bucket_size", "stage3_use_all_reduce_for_fetch_params", "sub_group_size",
+    "use_all_reduce_for_fetch_params", "use_multi_rank_bucket_allreduce", "zenflow", "zero_hpz_partition_size",
+    "zero_quantized_gradients", "zero_quantized_nontrainable_weights", "zero_quantized_weights",
+})
+ZERO_STAGES = (0, 1, 2, 3)
+PRECISION_KEYS = {
+    "bf16": frozenset({"bf16_master_weights_and_grads", "bf16_optimizer_states", "check_grad_overflow", "enabled",
+                       "immediate_grad_update"}),
+    "fp16": frozenset({"auto_cast", "consecutive_hysteresis", "enabled", "fp16_master_weights_and_grads",
+                       "hysteresis", "initial_scale_power", "loss_scale", "loss_scale_window", "min_loss_scale"}),
+}
+PRECISION_KEYS["bfloat16"] = PRECISION_KEYS["bf16"]  # DeepSpeed's older name for the bf16 block
+_PRECISION_BOOLS = {"enabled", "auto_cast", "consecutive_hysteresis", "fp16_master_weights_and_grads",
+                    "bf16_master_weights_and_grads", "bf16_optimizer_states", "check_grad_overflow",
+                    "immediate_grad_update"}
+# The pydantic models behind the blocks, to name a block in DeepSpeed's own errors.
+_MODEL_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
+                 "DeepSpeedFP16Config": "fp16"}
 
 
 class DsConfigError(PlanError):
@@ -157,7 +217,7 @@ def load_preset(spec: str) -> dict[str, Any]:
     for path in order:
         own = {k: v for k, v in contents[path].items() if k not in ("extends", _COMMENT_KEY)}
         _merge(merged, own)
-    _check_preset(merged, spec)
+    _check_preset(merged, spec, lambda *keys: _file_setting(order, contents, keys, spec))
     _stage_for_fp32_accumulation(merged, spec, named_stage=any(_names_stage(contents[p]) for p in order))
     return merged
 
@@ -213,19 +273,142 @@ def _stage_for_fp32_accumulation(preset: dict[str, Any], spec: str, named_stage:
     preset.setdefault("zero_optimization", {})["stage"] = 1
 
 
-def _check_preset(preset: dict[str, Any], spec: str) -> None:
-    if "elasticity" in preset:
-        raise DsConfigError(f"{spec}: \"elasticity\" was removed from DeepSpeed 0.19; the planner sizes the "
-                            f"batch for each world instead", rule="no elasticity")
-    enabled = [p for p in ("bf16", "fp16") if isinstance(preset.get(p), Mapping) and preset[p].get("enabled")]
+def _file_setting(order: list[Path], contents: dict[Path, dict], keys: tuple[str, ...], spec: str) -> str:
+    """The last file of a spec that sets the (nested) key: the one to edit; the spec if none does."""
+    for path in reversed(order):
+        block: Any = contents[path]
+        for key in keys:
+            block = block.get(key) if isinstance(block, Mapping) else None
+        if block is not None:
+            return _display(path)
+    return spec
+
+
+def _unknown_key(where: str, key: str, known: frozenset[str], block: str = "") -> DsConfigError:
+    close = difflib.get_close_matches(key, sorted(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return DsConfigError(
+        f"{where}: unknown DeepSpeed key {block}{key!r}{hint} (DeepSpeed 0.19.8 "
+        + ("ignores unknown top-level keys silently" if not block else "refuses it after the process group starts")
+        + f"); valid keys{' of ' + block.rstrip('.') if block else ''}: {', '.join(sorted(known))}",
+        rule="known DeepSpeed keys")
+
+
+def _check_preset(preset: dict[str, Any], spec: str, where: Any = None) -> None:
+    where = where or (lambda *keys: spec)
+    for key in preset:
+        if key in REMOVED_KEYS:
+            raise DsConfigError(f"{where(key)}: \"{key}\" was removed from DeepSpeed 0.19"
+                                + ("; the planner sizes the batch for each world instead" if key == "elasticity"
+                                   else "; remove it"), rule="no removed DeepSpeed keys")
+        if key not in DEEPSPEED_KEYS:
+            raise _unknown_key(where(key), key, DEEPSPEED_KEYS)
+    zero = preset.get("zero_optimization")
+    if zero is not None:
+        if not isinstance(zero, Mapping):
+            raise DsConfigError(f"{where('zero_optimization')}: zero_optimization must be an object, got {zero!r}",
+                                rule="zero_optimization block")
+        for key in zero:
+            if key not in ZERO_KEYS:
+                raise _unknown_key(where("zero_optimization", key), key, ZERO_KEYS, "zero_optimization.")
+        stage = zero.get("stage", 0)
+        if isinstance(stage, bool) or stage not in ZERO_STAGES:
+            raise DsConfigError(f"{where('zero_optimization', 'stage')}: zero_optimization.stage is {stage!r}; "
+                                f"valid ZeRO stages: {', '.join(map(str, ZERO_STAGES))} (ds_configs/zero0.json … "
+                                f"zero3.json)", rule="ZeRO stage 0-3")
+    for name, known in PRECISION_KEYS.items():
+        block = preset.get(name)
+        if block is None:
+            continue
+        if not isinstance(block, Mapping):
+            raise DsConfigError(f"{where(name)}: {name} must be an object like {{\"enabled\": true}}, got {block!r}",
+                                rule="precision block")
+        for key, value in block.items():
+            if key not in known:
+                raise _unknown_key(where(name, key), key, known, f"{name}.")
+            if key in _PRECISION_BOOLS and not isinstance(value, bool):
+                raise DsConfigError(f"{where(name, key)}: {name}.{key} must be true or false, got {value!r}",
+                                    rule="precision block")
+            if key not in _PRECISION_BOOLS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                or value < 0):
+                raise DsConfigError(f"{where(name, key)}: {name}.{key} must be a number >= 0, got {value!r}",
+                                    rule="precision block")
+    enabled = [p for p in ("bf16", "bfloat16", "fp16")
+               if isinstance(preset.get(p), Mapping) and preset[p].get("enabled")]
     if len(enabled) > 1:
-        raise DsConfigError(f"{spec}: bf16 and fp16 are both enabled; pick one precision overlay",
+        raise DsConfigError(f"{spec}: {' and '.join(enabled)} are both enabled; pick one precision overlay",
                             rule="one precision")
+    clip = preset.get("gradient_clipping")
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0
+                             or not math.isfinite(clip)):
+        raise DsConfigError(f"{where('gradient_clipping')}: gradient_clipping must be a number >= 0 (0: off), "
+                            f"got {clip!r}", rule="gradient_clipping")
+    optimizer = preset.get("optimizer")
+    if optimizer is not None and not (isinstance(optimizer, Mapping) and isinstance(optimizer.get("type"), str)
+                                      and isinstance(optimizer.get("params", {}), Mapping)):
+        raise DsConfigError(f"{where('optimizer')}: optimizer must be an object like {{\"type\": \"Adam\", "
+                            f"\"params\": {{...}}}}, got {optimizer!r}", rule="optimizer block")
     for key in BATCH_KEYS:
         value = preset.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise DsConfigError(f"{spec}: {key} must be a positive whole number, got {value!r}",
+            raise DsConfigError(f"{where(key)}: {key} must be a positive whole number, got {value!r}",
                                 rule="batch keys are positive integers")
+
+
+def validate_with_deepspeed(config: Mapping[str, Any], world_size: int, source: str) -> None:
+    """DeepSpeed's own verdict on a rendered config at `world_size`, before any process group exists.
+
+    DeepSpeedConfig asks its communication module for the world size and, without a process group,
+    falls back to 1; for the length of this call it is handed a stand-in that answers rank 0 of
+    `world_size`, so its batch assertion runs at the real world. Its pydantic models then check every
+    block (ZeRO, precision, ...). Raises DsConfigError with one line that names the key and the value.
+    """
+    import types
+    from unittest import mock
+
+    import deepspeed
+    import deepspeed.runtime.config as ds_runtime_config
+    import torch
+    from pydantic import ValidationError
+
+    world = types.SimpleNamespace(get_rank=lambda group=None: 0, get_world_size=lambda group=None: world_size)
+    log = logging.getLogger("DeepSpeed")
+    level = log.level
+    log.setLevel(logging.WARNING)  # DeepSpeedConfig logs its world size at INFO on every rank
+    try:
+        with mock.patch.object(ds_runtime_config, "dist", world):
+            ds = ds_runtime_config.DeepSpeedConfig(copy.deepcopy(dict(config)))
+    except ValidationError as e:
+        problems = [_pydantic_problem(e.title, err, config) for err in e.errors()]
+        try:
+            where = _file_setting(*_resolve(source), problems[0][1], source)
+        except DsConfigError:
+            where = source  # not a preset spec
+        raise DsConfigError(f"{where}: DeepSpeed {deepspeed.__version__} refuses "
+                            + "; ".join(text for text, _ in problems), rule="DeepSpeed config model") from None
+    except (AssertionError, ValueError, TypeError, KeyError, ds_runtime_config.DeepSpeedConfigError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        raise DsConfigError(f"{source}: DeepSpeed {deepspeed.__version__} refuses the config at world size "
+                            f"{world_size}: {text}", rule="DeepSpeed config model") from None
+    finally:
+        log.setLevel(level)
+    name = ds.optimizer_name
+    if name is not None and name not in ds_runtime_config.DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, name):
+        raise DsConfigError(f"{source}: optimizer.type {config['optimizer']['type']!r} is neither a DeepSpeed "
+                            f"optimizer ({', '.join(ds_runtime_config.DEEPSPEED_OPTIMIZERS)}) nor a torch.optim "
+                            f"class", rule="DeepSpeed config model")
+
+
+def _pydantic_problem(model: str, err: Mapping[str, Any], config: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """One pydantic error as `block.key = VALUE: message`, and the key's path; the block is found from the model,
+    else from the key."""
+    loc = tuple(str(part) for part in err.get("loc", ()))
+    block = _MODEL_BLOCKS.get(model)
+    if block is None:
+        owners = [k for k, v in config.items() if isinstance(v, Mapping) and loc and loc[0] in v]
+        block = owners[0] if len(owners) == 1 else model
+    value = f" = {err['input']!r}" if err.get("type") != "missing" else " missing"
+    return f"{'.'.join((block, *loc))}{value}: {err.get('msg', '')}", (block, *loc)
 
 
 def preset_micro_batch(preset: Mapping[str, Any]) -> int | None:

@@ -4,8 +4,7 @@ Why this module exists: the reference solver treats `accu_grad` as an on/off swi
 optimizer when an integer counter *equals* effec_batch_size / batch_size. With batch_size 12 and
 effec_batch_size 8 that ratio is 0.667, the counter never equals it, and the optimizer never steps.
 Here every batch number is checked before anything starts, and every inconsistency is refused
-with the numbers, the rule that failed and the nearest valid choices. Nothing is rounded or
-adjusted silently.
+with the numbers, the rule that failed and the nearest valid choices.
 
 The module is pure: no torch, no deepspeed, no environment, no I/O. `python -m launcher.plan`
 runs the dry run (launcher/dry_run.py).
@@ -17,16 +16,29 @@ Vocabulary (per optimizer update):
 - G, global batch: samples per update over all ranks, G = B × K × W (DeepSpeed's train_batch_size).
 
 Accumulation is given in one of four ways, at two levels (recipe, command line):
-- `accu_grad` 0/1 with `effec_batch_size` E (the reference's way; E is samples per GPU per update,
-  so K = E / B, which must be a whole number); accu_grad 0 means K = 1;
+- `accu_grad` 0/1 with `effec_batch_size` E (the reference's way; E is samples per GPU per update
+  at that level's batch_size, so K = E / B, which must be a whole number); accu_grad 0 means K = 1;
 - `gradient_accumulation_steps` K;
 - `global_batch` G.
-A way given on the command line replaces the recipe's and is used as given at the actual world.
-The recipe's way is defined at the world the recipe was written for (recipe_num_nodes ×
-recipe_gpus_per_node); `hold` says what to keep when the actual world differs:
-- "global_batch": keep the recipe's global batch (and so the LR), re-derive K = G / (B × W);
-- "accumulation": keep the recipe's K; the global batch follows the world and the LR is rescaled.
-The LR is always base_lr × rule(G / reference_batch), rule linear, sqrt or none.
+
+Explicit values (the command line) are checked; inherited ones (recipe, preset, world) are derived:
+- A way given on the command line replaces the recipe's and is used as given, at the actual
+  micro-batch and world: values that contradict each other are refused.
+- The recipe's way is read at the recipe's own batch_size and world (recipe_num_nodes ×
+  recipe_gpus_per_node), where it means K_r micro-batches per update (effec_batch_size 8 at
+  batch_size 4: K_r = 2). A recipe whose way is not a whole number of micro-batches at its own
+  batch_size contradicts itself and is refused, naming the recipe.
+- A micro-batch from a preset or --batch_size, and the actual world, are then applied to it
+  according to `hold`:
+  "accumulation" (the default): keep K_r; G = B × K_r × W follows, and so does the LR;
+  "global_batch": keep the recipe's global batch G_r = b_r × K_r × W_r; K = G_r / (B × W).
+- A resumed run (`resume`) holds the checkpoint's global batch, LR and warmup whatever the world
+  and the hold, re-deriving only K; a command-line way that contradicts it is refused.
+The LR is base_lr × rule(G / reference_batch), rule linear, sqrt or none.
+
+When the LR ends above base_lr (k = peak_lr / base_lr > 1) a warmup ramps it from base_lr (Goyal
+et al. 2017), automatic by default (see auto_warmup_samples); the plan warns when the linear rule
+raises the LR more than LINEAR_LR_WARN_FACTOR times (see there).
 """
 
 from __future__ import annotations
@@ -37,8 +49,16 @@ from dataclasses import asdict, dataclass, fields, replace
 from fractions import Fraction
 from typing import Any
 
-HOLDS = ("global_batch", "accumulation")
+HOLDS = ("accumulation", "global_batch")  # the first is the default
 LR_RULES = ("linear", "sqrt", "none")
+WARMUP_AUTO = "auto"
+# Goyal et al. 2017 ramp the LR from the base LR to k × base over the first 5 epochs, for every k up to 32.
+WARMUP_EPOCHS = 5
+# Past this factor the plan warns about the linear rule. Linear scaling is derived for SGD (Goyal et al. 2017);
+# for Adam, Malladi et al. 2022 derive square-root scaling, so linear overshoots that by √k. At k = 4 the two
+# differ by 2×, the size of a step in a usual LR sweep and of the plateau rule's own ×0.5: beyond it the choice
+# of rule matters more than LR tuning would, and the user should make it knowingly.
+LINEAR_LR_WARN_FACTOR = 4.0
 # What a PlanError may suggest; see apply_suggestion for what each one changes in the request.
 SUGGESTION_KEYS = (
     "batch_size",
@@ -83,22 +103,58 @@ class AccumSpec:
 
 
 @dataclass(frozen=True)
+class ResumeHold:
+    """What a checkpoint fixes for the run that continues it (from its COMPLETE.json marker).
+
+    The data cursor and the LR schedule count in optimizer updates of `global_batch` samples, so a
+    resumed run keeps that global batch, its LR and its warmup on any world; only K is re-derived.
+    """
+
+    source: str  # where it was read, e.g. "checkpoint runs/x/checkpoints/step00000120"
+    global_batch: int
+    peak_lr: float
+    base_lr: float
+    reference_batch: int
+    lr_rule: str
+    lr_derivation: str
+    warmup_samples: int
+    warmup_from_lr: float
+
+
+@dataclass(frozen=True)
+class Origins:
+    """Where each input of a request came from, in words for the card (e.g. "preset ds_configs/bs12.json")."""
+
+    batch_size: str = "the request"
+    world: str = "the request"
+    hold: str = "default"
+    lr: str = "the request"  # base_lr, reference_batch and lr_rule
+    warmup: str = "the request"
+
+
+@dataclass(frozen=True)
 class PlanRequest:
-    batch_size: int  # per-GPU micro-batch (= train_micro_batch_size_per_gpu)
+    batch_size: int  # per-GPU micro-batch (= train_micro_batch_size_per_gpu) this run uses
     num_nodes: int  # the actual world
     gpus_per_node: int
     recipe_accum: AccumSpec  # from the YAML recipe
     cli_accum: AccumSpec = AccumSpec()  # from the command line: any way given here replaces the recipe's
+    recipe_batch_size: int | None = None  # the recipe's batch_size, where its accumulation is read (None: batch_size)
     recipe_num_nodes: int = 1  # the world the recipe's accumulation was written for
     recipe_gpus_per_node: int = 2
-    hold: str = "global_batch"  # or "accumulation"
+    hold: str = HOLDS[0]  # or "global_batch"
     base_lr: float = 5e-4  # the LR at reference_batch samples per update
     reference_batch: int = 16
     lr_rule: str = "linear"  # linear | sqrt | none
-    warmup_samples: int = 0
+    warmup_samples: int | str = WARMUP_AUTO  # a number of samples, or "auto" (see auto_warmup_samples)
+    warmup_from_command_line: bool = False  # only the command line switches warmup off (0) when k > 1
+    adam_beta2: float = 0.999  # sets the automatic warmup's length
     segment_seconds: float = 4.0
     dataset_size: int | None = None  # training examples (crops) per epoch
-    notes: tuple[str, ...] = ()  # carried into the plan verbatim (e.g. where the micro-batch came from)
+    resume: ResumeHold | None = None  # a checkpoint this run continues
+    recipe_name: str = "recipe"  # e.g. "recipe recipes/train_48k.yaml" or "built-in defaults"
+    origins: Origins = Origins()
+    notes: tuple[str, ...] = ()  # carried into the plan verbatim
 
 
 @dataclass(frozen=True)
@@ -117,14 +173,19 @@ class Plan:
     lr_derivation: str
     warmup_samples: int
     warmup_steps: int  # ceil(warmup_samples / global_batch) optimizer steps
+    warmup_from_lr: float  # the ramp goes from here to peak_lr (see launcher/schedule.py)
     segment_seconds: float
     audio_seconds_per_update: float
     dataset_size: int | None
     steps_per_epoch: int | None  # optimizer steps; the sampler drops the last partial update
     hold: str
-    accumulation_source: str
     recipe_num_nodes: int
     recipe_gpus_per_node: int
+    # (number, where it came from) for micro_batch, accumulation_steps, world_size, global_batch, peak_lr,
+    # warmup_samples: "command line …", "recipe FILE …", "preset FILE", "checkpoint …" or "derived: …".
+    sources: tuple[tuple[str, str], ...] = ()
+    warnings: tuple[str, ...] = ()
+    resumed_from: str | None = None  # the checkpoint whose global batch, LR and warmup this plan holds
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
@@ -155,6 +216,19 @@ class Plan:
             f"{self.global_batch} samples per update"
         )
 
+    @property
+    def lr_factor(self) -> float:
+        """k = peak_lr / base_lr: how far the plan raised the LR over the one tuned at reference_batch."""
+        return self.peak_lr / self.base_lr
+
+    def source(self, name: str) -> str:
+        """Where the number `name` (a key of `sources`) came from."""
+        return dict(self.sources).get(name, "")
+
+    @property
+    def accumulation_source(self) -> str:
+        return self.source("accumulation_steps")
+
     def ds_batch_keys(self) -> dict[str, int]:
         """The batch triple exactly as DeepSpeed's config wants it."""
         return {
@@ -166,6 +240,8 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         """The plan's fields plus DeepSpeed's names for the triple and `lr` (= peak_lr)."""
         d = asdict(self)
+        d["sources"] = dict(self.sources)
+        d["warnings"] = list(self.warnings)
         d["notes"] = list(self.notes)
         d.update(self.ds_batch_keys())
         d["lr"] = self.peak_lr
@@ -177,14 +253,17 @@ class Plan:
         if not isinstance(d, dict):
             raise PlanError(f"plan: expected a mapping, got {type(d).__name__}")
         names = [f.name for f in fields(cls)]
+        optional = ("sources", "warnings", "resumed_from", "notes")
         derived = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "lr")
         unknown = sorted(set(d) - set(names) - set(derived))
         if unknown:
             raise PlanError(f"plan: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
-        missing = [n for n in names if n not in d and n != "notes"]
+        missing = [n for n in names if n not in d and n not in optional]
         if missing:
             raise PlanError(f"plan: missing key(s) {', '.join(missing)}")
         kwargs = {n: d[n] for n in names if n in d}
+        kwargs["sources"] = tuple(dict(kwargs.get("sources") or {}).items())
+        kwargs["warnings"] = tuple(kwargs.get("warnings", ()))
         kwargs["notes"] = tuple(kwargs.get("notes", ()))
         plan = cls(**kwargs)
         expect = {**plan.ds_batch_keys(), "lr": plan.peak_lr}
@@ -199,6 +278,31 @@ class Plan:
     @classmethod
     def from_json(cls, text: str) -> Plan:
         return cls.from_dict(json.loads(text))
+
+
+def auto_warmup_samples(reference_batch: int, adam_beta2: float, dataset_size: int | None) -> tuple[int, str]:
+    """The automatic warmup length in samples, and how it was reached.
+
+    The shorter of Goyal et al.'s 5 epochs and 2/(1 − β2) optimizer updates at the reference batch
+    (2,000 updates of 16 = 32,000 samples for Adam's β2 = 0.999). Goyal et al. keep the warmup fixed
+    in data (5 epochs) for every k up to 32, so here too the length is in samples and the number of
+    steps falls as the global batch grows. 2/(1 − β2) is Ma & Yarats' (2021) length for an untuned
+    Adam warmup: about twice the horizon of Adam's second-moment average, measured where base_lr
+    was tuned. It needs no epoch size, so a dry run that does not know the corpus plans the same
+    warmup as training on any corpus of more than 2/(1 − β2) × reference_batch / 5 examples (6,400
+    for the reference); on a smaller corpus, where 5 epochs are shorter, training uses 5 epochs.
+    """
+    updates = max(1, round(2 / (1 - adam_beta2)))
+    by_adam = updates * reference_batch
+    how = f"2/(1 − β2) = {updates} updates × reference batch {reference_batch} = {by_adam} samples"
+    if dataset_size is None:
+        small = -(-by_adam // WARMUP_EPOCHS)
+        return by_adam, f"{how} (or {WARMUP_EPOCHS} epochs on a corpus of fewer than {small} examples)"
+    by_epochs = WARMUP_EPOCHS * dataset_size
+    epochs = f"{WARMUP_EPOCHS} epochs × {dataset_size} = {by_epochs} samples"
+    if by_epochs < by_adam:
+        return by_epochs, f"{epochs}, shorter than {how}"
+    return by_adam, f"{how}, shorter than {epochs}"
 
 
 def format_lr(x: float) -> str:
@@ -242,17 +346,24 @@ def _multiples_near(step: int, target: int) -> list[int]:
 def apply_suggestion(req: PlanRequest, key: str, value: Any) -> PlanRequest:
     """The request with one suggestion of a PlanError applied (as the command line would).
 
-    batch_size, num_nodes and hold replace those fields; world_size runs `value` GPUs on one node
-    (any split with the same product plans the same); effec_batch_size, gradient_accumulation_steps
-    and global_batch become the command line's only accumulation way.
+    batch_size, num_nodes and hold replace those fields (the recipe's own batch_size stays what it
+    was: a new micro-batch does not change how the recipe is read); world_size runs `value` GPUs on
+    one node (any split with the same product plans the same); effec_batch_size,
+    gradient_accumulation_steps and global_batch become the command line's only accumulation way.
     """
-    if key in ("batch_size", "num_nodes", "hold"):
+    if key == "batch_size":
+        return replace(req, batch_size=value, recipe_batch_size=_recipe_batch(req))
+    if key in ("num_nodes", "hold"):
         return replace(req, **{key: value})
     if key == "world_size":
         return replace(req, num_nodes=1, gpus_per_node=value)
     if key in ("effec_batch_size", "gradient_accumulation_steps", "global_batch"):
         return replace(req, cli_accum=AccumSpec(**{key: value}))
     raise KeyError(f"unknown suggestion key {key!r}; valid: {', '.join(SUGGESTION_KEYS)}")
+
+
+def _recipe_batch(req: PlanRequest) -> int:
+    return req.batch_size if req.recipe_batch_size is None else req.recipe_batch_size
 
 
 def _feasible(req: PlanRequest) -> bool:
@@ -306,17 +417,43 @@ def _check_spec(level: str, spec: Any) -> None:
             _check_int(f"{level} {name}", value)
 
 
+def _check_resume(hold: Any) -> None:
+    if not isinstance(hold, ResumeHold):
+        raise PlanError(f"resume must be a ResumeHold, got {type(hold).__name__}", rule="type")
+    where = hold.source
+    _check_int(f"{where}: global_batch", hold.global_batch)
+    _check_int(f"{where}: reference_batch", hold.reference_batch)
+    _check_int(f"{where}: warmup_samples", hold.warmup_samples, minimum=0)
+    for name in ("peak_lr", "base_lr"):
+        _check_real(f"{where}: {name}", getattr(hold, name))
+    if isinstance(hold.warmup_from_lr, bool) or not isinstance(hold.warmup_from_lr, (int, float)) \
+            or not 0 <= hold.warmup_from_lr <= hold.peak_lr:
+        raise PlanError(f"{where}: warmup_from_lr must be a number in [0, peak_lr], got {hold.warmup_from_lr!r}",
+                        rule="range")
+    if hold.lr_rule not in LR_RULES:
+        raise PlanError(f"{where}: lr_rule must be one of {', '.join(LR_RULES)}, got {hold.lr_rule!r}", rule="lr_rule")
+
+
 def _validate(req: PlanRequest) -> None:
     if not isinstance(req, PlanRequest):
         raise PlanError(f"expected a PlanRequest, got {type(req).__name__}", rule="type")
     for name in ("batch_size", "num_nodes", "gpus_per_node", "recipe_num_nodes", "recipe_gpus_per_node",
                  "reference_batch"):
         _check_int(name, getattr(req, name))
-    _check_int("warmup_samples", req.warmup_samples, minimum=0)
+    if req.recipe_batch_size is not None:
+        _check_int("recipe_batch_size", req.recipe_batch_size)
+    if req.warmup_samples != WARMUP_AUTO:
+        if not _is_int(req.warmup_samples):
+            raise PlanError(f"warmup_samples must be a whole number or {WARMUP_AUTO!r}, got {req.warmup_samples!r}",
+                            rule="type")
+        _check_int("warmup_samples", req.warmup_samples, minimum=0)
     if req.dataset_size is not None:
         _check_int("dataset_size", req.dataset_size)
     _check_real("base_lr", req.base_lr)
     _check_real("segment_seconds", req.segment_seconds)
+    if isinstance(req.adam_beta2, bool) or not isinstance(req.adam_beta2, (int, float)) \
+            or not 0 <= req.adam_beta2 < 1:
+        raise PlanError(f"adam_beta2 must be a number in [0, 1), got {req.adam_beta2!r}", rule="range")
     if req.hold not in HOLDS:
         raise PlanError(f"hold must be one of {', '.join(HOLDS)}, got {req.hold!r}", rule="hold")
     if req.lr_rule not in LR_RULES:
@@ -325,12 +462,14 @@ def _validate(req: PlanRequest) -> None:
         raise PlanError(f"notes must be a tuple of strings, got {req.notes!r}", rule="type")
     _check_spec("recipe", req.recipe_accum)
     _check_spec("command line", req.cli_accum)
+    if req.resume is not None:
+        _check_resume(req.resume)
 
 
 @dataclass(frozen=True)
 class _Way:
     text: str  # e.g. "effec_batch_size=8"
-    global_batch: int  # at the level's world
+    global_batch: int  # at the level's micro-batch and world
     steps: int | None  # None: the global batch is not a whole number of micro-batches at that world
     keys: tuple[str, ...] = ()  # the AccumSpec fields that gave it
 
@@ -340,7 +479,7 @@ def _flag(name: str) -> str:
 
 
 def _effec_error(req: PlanRequest, level: str, effec: int, world: int) -> PlanError:
-    """The reference's own failure: effec_batch_size not a whole number of micro-batches."""
+    """The reference's own failure, typed on the command line: effec_batch_size not a whole number of micro-batches."""
     b = req.batch_size
     ratio = effec / b
     effecs = _nearest([b * m for m in range(1, effec // b + _SHOWN + 2)], effec)
@@ -374,10 +513,39 @@ def _effec_error(req: PlanRequest, level: str, effec: int, world: int) -> PlanEr
     )
 
 
-def _level_way(req: PlanRequest, level: str, spec: AccumSpec, world: int, world_text: str,
-               suggest: bool, recipe_spec: AccumSpec | None = None) -> _Way | None:
-    """The accumulation one level gives, as (global batch, steps) at that level's world."""
-    b = req.batch_size
+def _recipe_effec_error(req: PlanRequest, effec: int, b_r: int) -> PlanError:
+    """A recipe whose effec_batch_size is not a whole number of its own micro-batches contradicts itself."""
+    b, w = req.batch_size, req.num_nodes * req.gpus_per_node
+    fix_effec = sorted(_nearest([b_r * m for m in range(1, effec // b_r + _SHOWN + 2)], effec)[:_SHOWN])
+    effecs = sorted(_keep_feasible(req, "effec_batch_size", _nearest([b * m for m in range(1, effec // b + _SHOWN + 2)],
+                                                                      effec), limit=_SHOWN))
+    steps = _keep_feasible(req, "gradient_accumulation_steps", list(range(1, _SHOWN + 1)))
+    globals_ = sorted(_keep_feasible(req, "global_batch", _multiples_near(b * w, effec * w), limit=_SHOWN))
+    lines = [
+        f"{req.recipe_name}: effec_batch_size {effec} is not a positive multiple of its batch_size {b_r}: "
+        f"{effec}/{b_r} = {effec / b_r:.3g} micro-batches per GPU per update is not a whole number, so the recipe "
+        f"contradicts itself (the reference would never step the optimizer).",
+        "Rule: a recipe's effec_batch_size counts samples per GPU per update at the recipe's own batch_size, so it "
+        "must be a positive multiple of it.",
+        "Valid choices:",
+        f"  in the recipe: batch_size one of {_join(_divisors(effec))} (divisors of {effec}), or effec_batch_size "
+        f"one of {_join(fix_effec, more=True)} (multiples of {b_r})",
+        "  or on the command line, which replaces the recipe's accumulation:",
+    ]
+    if effecs:
+        lines.append(f"    {_flag('effec_batch_size')} {_join(effecs)} (multiples of batch_size {b})")
+    if steps:
+        lines.append(f"    {_flag('gradient_accumulation_steps')} {_join(steps, more=True)}")
+    if globals_:
+        lines.append(f"    {_flag('global_batch')} {_join(globals_)} (multiples of {b} × {w} GPUs)")
+    return PlanError("\n".join(lines), rule="recipe effec_batch_size is a positive multiple of its batch_size",
+                     suggestions={"effec_batch_size": effecs, "gradient_accumulation_steps": steps,
+                                  "global_batch": globals_})
+
+
+def _level_way(req: PlanRequest, level: str, spec: AccumSpec, b: int, world: int, world_text: str,
+               suggest: bool, is_cli: bool) -> _Way | None:
+    """The accumulation one level gives, as (global batch, steps) at micro-batch `b` on `world` GPUs."""
     ways: list[_Way] = []
     accu, effec = spec.accu_grad, spec.effec_batch_size
     if accu == 0:
@@ -393,27 +561,35 @@ def _level_way(req: PlanRequest, level: str, spec: AccumSpec, world: int, world_
             )
         ways.append(_Way("accu_grad=0", b * world, 1, ("accu_grad",) + (("effec_batch_size",) if effec else ())))
     elif accu == 1 or effec is not None:
-        text = f"effec_batch_size={effec}"
         if effec is None:
             others = spec.gradient_accumulation_steps is not None or spec.global_batch is not None
-            if level == "command line" and not others and recipe_spec is not None \
-                    and recipe_spec.effec_batch_size is not None:
-                effec = recipe_spec.effec_batch_size
-                text = f"accu_grad=1 with the recipe's effec_batch_size={effec}"
+            recipe_effec = req.recipe_accum.effec_batch_size
+            if is_cli and not others and recipe_effec is not None:
+                # --accu_grad 1 alone turns on the recipe's accumulation: its number of micro-batches.
+                b_r = _recipe_batch(req)
+                if recipe_effec % b_r:
+                    raise _recipe_effec_error(req, recipe_effec, b_r) if suggest else PlanError("infeasible")
+                k = recipe_effec // b_r
+                text = (f"accu_grad=1 with {req.recipe_name}'s effec_batch_size {recipe_effec} at batch_size {b_r} "
+                        f"({k} micro-batches)")
+                ways.append(_Way(text, b * k * world, k, ("accu_grad",)))
             else:
-                where = "--effec_batch_size" if level == "command line" else "batch.effec_batch_size"
+                where = "--effec_batch_size" if is_cli else "batch.effec_batch_size"
                 raise PlanError(
                     f"{level}: accu_grad 1 needs effec_batch_size (samples per GPU per update) at the same "
-                    f"level" + (" and the recipe gives none" if level == "command line" else "") + ".\n"
+                    f"level" + (" and the recipe gives none" if is_cli else "") + ".\n"
                     f"Rule: the reference's way is accu_grad 1 + effec_batch_size; accu_grad alone says only "
                     f"'accumulate'.\nValid choices: add {where} (a multiple of batch_size {b}, e.g. {2 * b}), "
                     f"or give gradient_accumulation_steps or global_batch instead of accu_grad.",
                     rule="accu_grad 1 needs effec_batch_size",
                 )
-        if effec % b != 0:
-            raise _effec_error(req, level, effec, world) if suggest else PlanError("infeasible")
-        keys = tuple(k for k in ("accu_grad", "effec_batch_size") if getattr(spec, k) is not None)
-        ways.append(_Way(text, effec * world, effec // b, keys))
+        else:
+            if effec % b != 0:
+                if not suggest:
+                    raise PlanError("infeasible")
+                raise _effec_error(req, level, effec, world) if is_cli else _recipe_effec_error(req, effec, b)
+            keys = tuple(k for k in ("accu_grad", "effec_batch_size") if getattr(spec, k) is not None)
+            ways.append(_Way(f"effec_batch_size={effec}", effec * world, effec // b, keys))
     if spec.gradient_accumulation_steps is not None:
         k = spec.gradient_accumulation_steps
         ways.append(_Way(f"gradient_accumulation_steps={k}", b * k * world, k, ("gradient_accumulation_steps",)))
@@ -423,7 +599,7 @@ def _level_way(req: PlanRequest, level: str, spec: AccumSpec, world: int, world_
                          ("global_batch",)))
     if len({w.global_batch for w in ways}) > 1:
         implied = "; ".join(f"{w.text} means {w.global_batch} samples per update" for w in ways)
-        if level == "recipe":
+        if not is_cli:
             fix = "set the others to null in the recipe's batch section, e.g. " + "; ".join(
                 f"to keep {w.text}: " + " ".join(f"--set batch.{k}=null" for o in ways if o is not w for k in o.keys)
                 for w in ways)
@@ -451,10 +627,11 @@ def _world_error(req: PlanRequest, g: int, what: str) -> PlanError:
     nodes = _keep_feasible(req, "num_nodes", [x // gpn for x in worlds if x % gpn == 0])
     batches = _keep_feasible(req, "batch_size", _divisors(g // w)) if g % w == 0 else []
     per_update = b * w
-    globals_ = _multiples_near(per_update, g)
-    globals_ = sorted(_keep_feasible(req, "global_batch", globals_, limit=_SHOWN))
+    # A resumed run holds its global batch: another global batch is no choice there.
+    globals_ = [] if req.resume is not None else sorted(
+        _keep_feasible(req, "global_batch", _multiples_near(per_update, g), limit=_SHOWN))
     holds = [h for h in HOLDS if h != req.hold and _feasible(replace(req, hold=h))] \
-        if not req.cli_accum.is_given() else []
+        if not req.cli_accum.is_given() and req.resume is None else []
     lines = [
         f"global batch {g} ({what}) cannot be split over {w} GPUs ({n} node{'s' if n > 1 else ''} × {gpn} GPUs) "
         f"at batch_size {b}: "
@@ -486,25 +663,39 @@ def _world_error(req: PlanRequest, g: int, what: str) -> PlanError:
     )
 
 
-def _recipe_steps_error(req: PlanRequest, way: _Way, w_r: int) -> PlanError:
+def _resume_conflict_error(req: PlanRequest, cli: _Way) -> PlanError:
+    hold = req.resume
+    b, w = req.batch_size, req.num_nodes * req.gpus_per_node
+    g = hold.global_batch
+    k = g // (b * w) if g % (b * w) == 0 else None
+    lines = [
+        f"command line {cli.text} means {cli.global_batch} samples per update, but this run resumes {hold.source}, "
+        f"which was trained with a global batch of {g} (lr {format_lr(hold.peak_lr)}).",
+        "Rule: a resumed run keeps its checkpoint's global batch and LR (the data cursor and the LR schedule count "
+        "in its updates); only the accumulation is re-derived for the world.",
+        "Valid choices: drop the accumulation flag"
+        + (f" (this world then runs {b} × {k} × {w} = {g})" if k else "")
+        + f", pass --global_batch {g}, or start a new run instead of resuming",
+    ]
+    return PlanError("\n".join(lines), rule="a resumed run holds its checkpoint's global batch",
+                     suggestions={"global_batch": _keep_feasible(req, "global_batch", [g]) if k else ()})
+
+
+def _recipe_steps_error(req: PlanRequest, way: _Way, b_r: int, w_r: int) -> PlanError:
     b = req.batch_size
     holds = [h for h in HOLDS if h != req.hold and _feasible(replace(req, hold=h))]
-    batches = _keep_feasible(req, "batch_size", _divisors(way.global_batch // w_r)) \
-        if way.global_batch % w_r == 0 else []
     lines = [
-        f"recipe {way.text} at {_world_text(req.recipe_num_nodes, req.recipe_gpus_per_node)} with batch_size "
-        f"{b} gives {way.global_batch} / ({b} × {w_r}) = {way.global_batch / (b * w_r):.3g} accumulation steps, "
-        f"not a whole number, so hold=accumulation has no accumulation to hold.",
+        f"{req.recipe_name} {way.text} at {_world_text(req.recipe_num_nodes, req.recipe_gpus_per_node)} with its "
+        f"batch_size {b_r} gives {way.global_batch} / ({b_r} × {w_r}) = {way.global_batch / (b_r * w_r):.3g} "
+        f"accumulation steps, not a whole number, so hold=accumulation has no accumulation to hold.",
         "Rule: global_batch = batch_size × gradient_accumulation_steps × world_size, all whole numbers.",
         "Valid choices:",
     ]
     if holds:
         lines.append(f"  --hold {holds[0]} (keep the global batch {way.global_batch})")
-    if batches:
-        lines.append(f"  valid batch_size values: {_join(batches)}")
-    lines.append("  or give --gradient_accumulation_steps or --global_batch on the command line")
+    lines.append(f"  or give --gradient_accumulation_steps or --global_batch on the command line (batch_size {b})")
     return PlanError("\n".join(lines), rule="whole accumulation steps at the recipe's world",
-                     suggestions={"hold": holds, "batch_size": batches})
+                     suggestions={"hold": holds})
 
 
 def _dataset_error(req: PlanRequest, g: int, b: int, w: int) -> PlanError:
@@ -527,43 +718,103 @@ def _dataset_error(req: PlanRequest, g: int, b: int, w: int) -> PlanError:
                      suggestions={"global_batch": globals_})
 
 
+def _learning_rate(req: PlanRequest, g: int) -> tuple[float, float, int, str, str, str]:
+    """(peak, base, reference batch, rule, derivation, source) for global batch `g`."""
+    if req.resume is not None:
+        h = req.resume
+        return (h.peak_lr, h.base_lr, h.reference_batch, h.lr_rule,
+                f"{format_lr(h.peak_lr)} held from {h.source} ({h.lr_derivation})", f"held from {h.source}")
+    base, ref = req.base_lr, req.reference_batch
+    if req.lr_rule == "linear":
+        peak = float(Fraction(base) * Fraction(g, ref))
+        derivation = f"{format_lr(base)} × {g}/{ref} = {format_lr(peak)} (linear)"
+    elif req.lr_rule == "sqrt":
+        peak = base * math.sqrt(g / ref)
+        derivation = f"{format_lr(base)} × √({g}/{ref}) = {format_lr(peak)} (sqrt)"
+    else:
+        peak = float(base)
+        derivation = f"{format_lr(base)} (none: not scaled with the global batch {g}/{ref})"
+    return peak, float(base), ref, req.lr_rule, derivation, f"derived: {derivation}; base_lr from {req.origins.lr}"
+
+
+def _warmup(req: PlanRequest, k: float, base: float) -> tuple[int, float, str]:
+    """(warmup samples, the LR the ramp starts from, where the length came from)."""
+    if req.resume is not None:
+        return req.resume.warmup_samples, req.resume.warmup_from_lr, f"held from {req.resume.source}"
+    # Goyal et al.'s gradual warmup ramps from the base LR, the one known to be stable at the reference batch. With
+    # k <= 1 there is no lower LR known to be stable, so a warmup asked for there ramps from 0, the usual way.
+    start = float(base) if k > 1 else 0.0
+    value = req.warmup_samples
+    inherited_off = value == 0 and not req.warmup_from_command_line
+    if value == WARMUP_AUTO or (inherited_off and k > 1):
+        if k <= 1:
+            return 0, start, f"automatic: none, the LR is not raised above base_lr (k = {k:.3g})"
+        samples, how = auto_warmup_samples(req.reference_batch, req.adam_beta2, req.dataset_size)
+        why = f"automatic at k = {k:.3g} > 1: {how}"
+        if inherited_off:
+            why += (f"; {req.origins.warmup}'s warmup_samples 0 holds for k <= 1 only (pass optim.warmup_samples=0 "
+                    f"on the command line to keep it off)")
+        return samples, start, why
+    return value, start, req.origins.warmup
+
+
 def _plan(req: PlanRequest, suggest: bool) -> Plan:
     _validate(req)
     b = req.batch_size
     n, gpn = req.num_nodes, req.gpus_per_node
     w = n * gpn
+    b_r = _recipe_batch(req)
     w_r = req.recipe_num_nodes * req.recipe_gpus_per_node
     world_text = _world_text(n, gpn)
     recipe_world_text = _world_text(req.recipe_num_nodes, req.recipe_gpus_per_node)
+    held = req.resume
 
     def fail(make: Any, *args: Any) -> PlanError:
         # Suggestions are computed only for the error the caller sees, not while testing them.
         return make(req, *args) if suggest else PlanError("infeasible")
 
-    cli = _level_way(req, "command line", req.cli_accum, w, world_text, suggest, recipe_spec=req.recipe_accum)
-    recipe = None if cli is not None else _level_way(req, "recipe", req.recipe_accum, w_r, recipe_world_text, suggest)
-    if cli is None and recipe is None:
-        # No way given anywhere reads as the recipe's accu_grad 0, so `hold` means the same for every recipe.
-        recipe = _Way("accumulation not given (accu_grad=0)", b * w_r, 1)
-
+    cli = _level_way(req, "command line", req.cli_accum, b, w, world_text, suggest, is_cli=True)
+    product = f"{b} × {{k}} × {w}"
     if cli is not None:
         g = cli.global_batch
+        if held is not None and g != held.global_batch:
+            raise fail(_resume_conflict_error, cli)
         if cli.steps is None:
             raise fail(_world_error, g, f"command line {cli.text}")
         k = cli.steps
-        source = f"command line {cli.text}"
-    elif req.hold == "global_batch":
-        g = recipe.global_batch
+        accumulation = f"command line {cli.text}"
+        g_source = (f"command line {cli.text}" if cli.text.startswith("global_batch")
+                    else f"derived: {product.format(k=k)}")
+    elif held is not None:
+        g = held.global_batch
         if g % (b * w) != 0:
-            raise fail(_world_error, g, f"recipe {recipe.text} at {recipe_world_text}, held by hold=global_batch")
+            raise fail(_world_error, g, f"held from {held.source}")
         k = g // (b * w)
-        source = f"recipe {recipe.text} at {recipe_world_text}, global batch held"
+        accumulation = f"derived: global batch {g} held from {held.source} / ({b} × {w} GPUs)"
+        g_source = f"held from {held.source} (a resumed run keeps its global batch and LR)"
     else:
-        if recipe.steps is None:
-            raise fail(_recipe_steps_error, recipe, w_r)
-        k = recipe.steps
-        g = b * k * w
-        source = f"recipe {recipe.text} at {recipe_world_text}, accumulation held"
+        recipe = _level_way(req, req.recipe_name, req.recipe_accum, b_r, w_r, recipe_world_text, suggest,
+                            is_cli=False)
+        if recipe is None:
+            # No way given anywhere reads as the recipe's accu_grad 0, so `hold` means the same for every recipe.
+            recipe = _Way("accumulation not given (accu_grad=0)", b_r * w_r, 1)
+        at = f"at its batch_size {b_r}" + (f" on {recipe_world_text}" if recipe.text.startswith("global_batch") else "")
+        if req.hold == "accumulation":
+            if recipe.steps is None:
+                raise fail(_recipe_steps_error, recipe, b_r, w_r)
+            k = recipe.steps
+            g = b * k * w
+            accumulation = (f"derived: {recipe.text} in {req.recipe_name} {at} = {k} micro-batch"
+                            f"{'es' if k > 1 else ''} per update" + (f", kept at batch_size {b}" if b != b_r else ""))
+            g_source = f"derived: {product.format(k=k)}"
+        else:
+            g = recipe.global_batch
+            if g % (b * w) != 0:
+                raise fail(_world_error, g, f"{req.recipe_name} {recipe.text} at {recipe_world_text}, held by "
+                                            f"hold=global_batch")
+            k = g // (b * w)
+            accumulation = f"derived: global batch {g} held (hold global_batch) / ({b} × {w} GPUs)"
+            g_source = f"{recipe.text} in {req.recipe_name} {at} on {recipe_world_text}, held (hold global_batch)"
 
     steps_per_epoch = None
     if req.dataset_size is not None:
@@ -571,17 +822,26 @@ def _plan(req: PlanRequest, suggest: bool) -> Plan:
             raise fail(_dataset_error, g, b, w)
         steps_per_epoch = req.dataset_size // g
 
-    ratio = Fraction(g, req.reference_batch)
-    if req.lr_rule == "linear":
-        peak = float(Fraction(req.base_lr) * ratio)
-        derivation = f"{format_lr(req.base_lr)} × {g}/{req.reference_batch} = {format_lr(peak)} (linear)"
-    elif req.lr_rule == "sqrt":
-        peak = req.base_lr * math.sqrt(g / req.reference_batch)
-        derivation = f"{format_lr(req.base_lr)} × √({g}/{req.reference_batch}) = {format_lr(peak)} (sqrt)"
-    else:
-        peak = float(req.base_lr)
-        derivation = f"{format_lr(req.base_lr)} (none: not scaled with the global batch {g}/{req.reference_batch})"
-
+    peak, base, ref, rule, derivation, lr_source = _learning_rate(req, g)
+    factor = peak / base
+    warmup_samples, warmup_from, warmup_source = _warmup(req, factor, base)
+    warmup_steps = -(-warmup_samples // g)
+    warnings = []
+    if held is None and rule == "linear" and factor > LINEAR_LR_WARN_FACTOR:
+        sqrt_lr = base * math.sqrt(g / ref)
+        warnings.append(
+            f"the linear rule raises the LR {factor:.3g}× over base_lr ({format_lr(base)} → {format_lr(peak)}), "
+            f"more than {LINEAR_LR_WARN_FACTOR:g}×; Adam does not scale linearly with the batch (Malladi et al. 2022 "
+            f"derive square-root scaling for adaptive optimizers): --lr_rule sqrt gives {format_lr(base)} × "
+            f"√({g}/{ref}) = {format_lr(sqrt_lr)}")
+    sources = (
+        ("micro_batch", req.origins.batch_size),
+        ("accumulation_steps", accumulation),
+        ("world_size", f"{req.origins.world}"),
+        ("global_batch", g_source),
+        ("peak_lr", lr_source),
+        ("warmup_samples", warmup_source),
+    )
     return Plan(
         world_size=w,
         num_nodes=n,
@@ -590,21 +850,24 @@ def _plan(req: PlanRequest, suggest: bool) -> Plan:
         accumulation_steps=k,
         global_batch=g,
         samples_per_gpu_per_update=b * k,
-        base_lr=float(req.base_lr),
-        reference_batch=req.reference_batch,
-        lr_rule=req.lr_rule,
+        base_lr=base,
+        reference_batch=ref,
+        lr_rule=rule,
         peak_lr=peak,
         lr_derivation=derivation,
-        warmup_samples=req.warmup_samples,
-        warmup_steps=-(-req.warmup_samples // g),
+        warmup_samples=warmup_samples,
+        warmup_steps=warmup_steps,
+        warmup_from_lr=warmup_from,
         segment_seconds=float(req.segment_seconds),
         audio_seconds_per_update=g * float(req.segment_seconds),
         dataset_size=req.dataset_size,
         steps_per_epoch=steps_per_epoch,
         hold=req.hold,
-        accumulation_source=source,
         recipe_num_nodes=req.recipe_num_nodes,
         recipe_gpus_per_node=req.recipe_gpus_per_node,
+        sources=sources,
+        warnings=tuple(warnings),
+        resumed_from=held.source if held is not None else None,
         notes=req.notes,
     )
 

@@ -80,13 +80,31 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
     head = Text(plan.headline, style="bold")
     legend = Text(f"per-GPU micro-batch × accumulation × world ({nodes}) = global batch", style="dim")
 
+    # Each number of the headline, the LR and the warmup, with where it came from: the command line, the recipe,
+    # the preset, a checkpoint, or derived from those.
+    origin = Table.grid(padding=(0, 2))
+    origin.add_column(style="cyan", no_wrap=True)
+    origin.add_column()
+    origin.add_row("micro-batch", f"{plan.micro_batch} — {plan.source('micro_batch')}")
+    origin.add_row("accumulation", f"{plan.accumulation_steps} — {plan.source('accumulation_steps')}")
+    origin.add_row("world", f"{plan.world_size} ({nodes}) — {plan.source('world_size')}")
+    origin.add_row("global batch", f"{plan.global_batch} — {plan.source('global_batch')}")
+    k = plan.lr_factor
+    origin.add_row("learning rate", f"{format_lr(plan.peak_lr)} — {plan.source('peak_lr')}"
+                                    + (f"; k = {k:.3g} × base_lr" if k != 1 else ""))
+    if plan.warmup_steps:
+        ramp = (f"{plan.warmup_samples} samples → {plan.warmup_steps} optimizer steps (ceil({plan.warmup_samples} / "
+                f"{plan.global_batch})"
+                + (f", {plan.warmup_samples / plan.dataset_size:.3g} epochs" if plan.dataset_size else "")
+                + f"), LR {format_lr(plan.warmup_from_lr) if plan.warmup_from_lr else '0'} → "
+                  f"{format_lr(plan.peak_lr)}")
+    else:
+        ramp = "none"
+    origin.add_row("warmup", f"{ramp} — {plan.source('warmup_samples')}")
+
     rows = Table.grid(padding=(0, 2))
     rows.add_column(style="cyan", no_wrap=True)
     rows.add_column()
-    rows.add_row("learning rate", plan.lr_derivation)
-    warmup = (f"{plan.warmup_samples} samples → {plan.warmup_steps} optimizer steps "
-              f"(ceil({plan.warmup_samples} / {plan.global_batch}))")
-    rows.add_row("warmup", warmup if plan.warmup_samples else "none")
     rows.add_row("audio per update",
                  f"{plan.global_batch} × {plan.segment_seconds:g} s = {_seconds(plan.audio_seconds_per_update)}")
     if plan.steps_per_epoch is not None:
@@ -98,11 +116,13 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
         rows.add_row("steps per epoch", "unknown (give --dataset_size)")
     rows.add_row("per GPU", f"{plan.samples_per_gpu_per_update} samples per update "
                             f"(the reference's effec_batch_size)")
-    rows.add_row("accumulation from", plan.accumulation_source)
-    recipe_world = (plan.recipe_num_nodes, plan.recipe_gpus_per_node)
-    if plan.accumulation_source.startswith("recipe") and (plan.num_nodes, plan.gpus_per_node) != recipe_world:
-        rows.add_row("hold", f"{plan.hold} (recipe written for {plan.recipe_num_nodes}×"
-                             f"{plan.recipe_gpus_per_node} GPUs)")
+    if plan.resumed_from is not None:
+        rows.add_row("resume", f"global batch {plan.global_batch} held from {plan.resumed_from}, with its LR and "
+                               f"warmup; the accumulation is re-derived for this world")
+    elif plan.accumulation_source.startswith("derived"):
+        rows.add_row("hold", f"{plan.hold}: on another micro-batch or world the recipe's "
+                             f"{'accumulation' if plan.hold == 'accumulation' else 'global batch'} is kept "
+                             f"(recipe written for {plan.recipe_num_nodes}×{plan.recipe_gpus_per_node} GPUs)")
     if ds_config is not None:
         clip = ds_config.get("gradient_clipping")
         engine = f"ZeRO {zero_stage(ds_config)}, {precision(ds_config)}"
@@ -117,7 +137,9 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
         rows.add_row("recipe", recipe)
     for note in plan.notes:
         rows.add_row("note", note)
-    parts = [head, legend, Text(""), rows]
+    parts = [head, legend, Text(""), origin, Text(""), rows]
+    for warning in plan.warnings:
+        parts.append(Text(f"warning: {warning}", style="yellow"))
     if memory is not None:
         parts += [Text(""), memory_rows(memory)]
     return Panel(Group(*parts), title="MossFormer2 training plan", title_align="left", expand=False)

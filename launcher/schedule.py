@@ -1,8 +1,14 @@
 """The learning-rate schedule: the one source of truth for the LR of every optimizer step.
 
-Warmup (linear, from peak/warmup_steps, never 0) is followed by either the reference's plateau
-rule or a cosine decay. The schedule's whole state is a small dict saved in every checkpoint, so
-a resumed run continues with the same LR and the same count of bad epochs.
+Warmup ramps the LR linearly from `warmup_from_lr` to the peak over `warmup_steps` optimizer steps,
+followed by either the reference's plateau rule or a cosine decay. When the plan raised the LR above
+base_lr (k > 1) the ramp starts from base_lr, Goyal et al.'s (2017) gradual warmup: base_lr is the LR
+known to be stable at the reference batch, and a ramp from near 0 would spend the warmup's first steps
+at LRs far below it, learning little, while a new run's loss is still high. Otherwise (an explicit
+warmup at k <= 1) it starts from 0; the first step is then peak/warmup_steps, never 0.
+
+The schedule's whole state is a small dict saved in every checkpoint, so a resumed run continues with
+the same LR and the same count of bad epochs.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import asdict, dataclass
 class LRSchedule:
     peak_lr: float
     warmup_steps: int = 0
+    warmup_from_lr: float = 0.0
     kind: str = "plateau"  # "plateau" | "cosine"
     total_steps: int | None = None  # cosine only
     min_lr_ratio: float = 0.0
@@ -32,11 +39,13 @@ class LRSchedule:
             raise ValueError(f"schedule.kind {self.kind!r}: valid kinds are plateau, cosine")
         if self.kind == "cosine" and not self.total_steps:
             raise ValueError("schedule.kind cosine needs the total number of steps (train.max_steps or epochs)")
+        if not 0 <= self.warmup_from_lr <= self.peak_lr:
+            raise ValueError(f"warmup_from_lr {self.warmup_from_lr:g} must be in [0, peak_lr {self.peak_lr:g}]")
 
     def lr(self, step: int) -> float:
         """LR for the optimizer step that takes the step count from `step` to `step + 1`."""
         if step < self.warmup_steps:
-            return self.peak_lr * (step + 1) / self.warmup_steps
+            return self.warmup_from_lr + (self.peak_lr - self.warmup_from_lr) * (step + 1) / self.warmup_steps
         if self.kind == "cosine":
             assert self.total_steps is not None
             span = max(1, self.total_steps - self.warmup_steps)

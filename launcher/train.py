@@ -30,13 +30,15 @@ from datetime import timedelta  # noqa: E402
 from launcher.config import Config, ConfigError, dump_yaml, load_config, replace_section  # noqa: E402
 from launcher.device_settings import apply_device_settings  # noqa: E402
 from launcher.dist_env import DistEnv, EnvError, read_dist_env, release_shm_segment_name  # noqa: E402
-from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan  # noqa: E402
-from launcher.plan import Plan, PlanError  # noqa: E402
+from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan, resume_hold  # noqa: E402
+from launcher.plan import Plan, PlanError, ResumeHold  # noqa: E402
 from launcher.preflight import PreflightError, check_head_reachable, check_run_dir, check_world  # noqa: E402
 
 RENDEZVOUS_TIMEOUT_S = float(os.environ.get("MF2_RENDEZVOUS_TIMEOUT_S", "300"))
 # Collectives may legitimately wait long (rank 0 validating a large corpus while the others wait).
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("MF2_COLLECTIVE_TIMEOUT_S", "1800"))
+# How long ranks other than 0 wait before exiting on a refusal, so that rank 0's message gets out (see _refuse).
+REFUSAL_GRACE_S = 5.0
 
 
 class TrainingAborted(RuntimeError):
@@ -57,7 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def resolve(args: argparse.Namespace, env: DistEnv) -> tuple[Config, Plan, dict, int | None]:
-    """Config and plan for this world; raises ConfigError/PlanError/DataError/PreflightError."""
+    """Config and plan for this world; raises ConfigError/PlanError/DataError/PreflightError.
+
+    With --resume and a checkpoint to continue, the plan holds that checkpoint's global batch and LR.
+    """
     from data import PairIndex
 
     overrides = list(getattr(args, "set", None) or []) + list(args.overrides)
@@ -73,8 +78,62 @@ def resolve(args: argparse.Namespace, env: DistEnv) -> tuple[Config, Plan, dict,
     else:
         check_world(env, os.environ, args.num_nodes, args.num_gpus)
         num_nodes, gpus = env.num_nodes, env.local_world_size
-    plan, ds_config = plan_from_args(args, cfg, num_nodes, gpus, dataset_size=dataset_size)
+    plan, ds_config = plan_from_args(args, cfg, num_nodes, gpus, dataset_size=dataset_size,
+                                     world_source=_WORLD_SOURCES.get(env.source, "a single process"),
+                                     resume=_checkpoint_hold(args.resume, Path(cfg.train.run_dir) / "checkpoints"))
     return cfg, plan, ds_config, dataset_size
+
+
+_WORLD_SOURCES = {"torch": "the launcher (deepspeed or torchrun: WORLD_SIZE, LOCAL_WORLD_SIZE)",
+                  "slurm": "the launcher (srun: SLURM_NTASKS, SLURM_NTASKS_PER_NODE)"}
+
+
+def _checkpoint_hold(resume: str | None, ckpt_dir: Path) -> ResumeHold | None:
+    """The global batch, LR and warmup of the checkpoint --resume continues, read from its marker; None if none."""
+    if not resume:
+        return None
+    from launcher.checkpoint import CheckpointError, read_marker, resolve_resume
+
+    try:
+        target = resolve_resume(resume, ckpt_dir)
+        if target is None:
+            return None
+        marker = read_marker(*target)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume {resume}: cannot read the checkpoint's marker: {e}") from None
+    return resume_hold(marker, f"checkpoint {target[0] / target[1]}")
+
+
+def check_before_launch(cfg: Config, ds_config: dict, plan: Plan, ds_spec: str, recipe: str | None) -> None:
+    """What a launch needs besides a plan, refused before any process group: the data lists, and DeepSpeed's own
+    verdict on the rendered config at this world size. Raises ConfigError or PlanError."""
+    from launcher.ds_config import validate_with_deepspeed
+
+    d = cfg.data
+    if not d.train_list:
+        where = f"recipe {recipe} sets none" if recipe else "the built-in defaults have none"
+        raise ConfigError(
+            f"data.train_list is not set ({where}): give a recipe (e.g. --config recipes/train_48k.yaml) or "
+            "data.train_list=PATH, a list file of `noisy clean [seconds]` lines (python -m data.demo "
+            "runs/demo_corpus writes a demo corpus)")
+    for key in ("train_list", "valid_list"):
+        path = getattr(d, key)
+        if path and not Path(path).is_file():
+            raise ConfigError(f"data.{key} {path}: no such file (a list file of `noisy clean [seconds]` lines)")
+    validate_with_deepspeed(ds_config, plan.world_size, ds_spec)
+
+
+def _refuse(env: DistEnv, error: Exception) -> int:
+    """Every rank stops before the process group with the same verdict; rank 0 says why. The others wait a moment
+    first: DeepSpeed's launcher kills every rank as soon as one exits non-zero, which could cut rank 0 off before it
+    has printed the reason when it reaches the same verdict a little later (slower imports on a busy node)."""
+    if env.rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(REFUSAL_GRACE_S)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,14 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, plan, ds_config, _ = resolve(args, env)
     except (ConfigError, PlanError, DataError, PreflightError, EnvError) as e:
-        # Every rank stops here with the same verdict; rank 0 says why.
-        if env.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(env, e)
     if env.rank == 0:
         print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset)
     if args.dry_run:
         return 0
+    try:
+        check_before_launch(cfg, ds_config, plan, args.ds_config, args.config)
+    except (ConfigError, PlanError) as e:
+        return _refuse(env, e)
     if env.source == "single":
         # DeepSpeed would fall back to MPI discovery and fail obscurely without a launcher.
         env = DistEnv(0, 0, 1, 1, 1, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29500")), "single")
@@ -262,10 +322,12 @@ class Trainer:
         ckpt_dir, tag = target
         marker = read_marker(ckpt_dir, tag)
         if marker["global_batch"] != self.plan.global_batch:
+            # The plan held the global batch of the checkpoint found before the process group started (resolve);
+            # this one differs, so the checkpoints changed in between.
             raise TrainingAborted(
-                f"resume: {ckpt_dir / tag} was trained with a global batch of {marker['global_batch']} but this plan "
-                f"has {self.plan.global_batch}; continue it with --global_batch {marker['global_batch']} "
-                "(the data cursor and LR schedule count in that unit)"
+                f"resume: {ckpt_dir / tag} has a global batch of {marker['global_batch']} but the plan holds "
+                f"{self.plan.global_batch}, from the checkpoint found when planning; the checkpoints changed since: "
+                "start the run again"
             )
         return ckpt_dir, tag, marker
 
@@ -326,6 +388,7 @@ class Trainer:
         total_steps = tcfg.max_steps or steps_per_epoch * tcfg.max_epoch
         self.schedule = LRSchedule(
             peak_lr=plan.peak_lr, warmup_steps=plan.warmup_steps, kind=scfg.kind, total_steps=total_steps,
+            warmup_from_lr=plan.warmup_from_lr,
             min_lr_ratio=scfg.min_lr_ratio, halve_after=scfg.halve_after, stop_after=scfg.stop_after, factor=scfg.factor,
         )
         self.counters = {"skipped_steps": 0, "consecutive_bad": 0, "samples_seen": 0}

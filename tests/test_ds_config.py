@@ -242,3 +242,152 @@ def test_extends_list_and_relative_paths(tmp_path: Path) -> None:
     _write(sub, "z.json", {"extends": ["y.json", "../x.json"], "gradient_clipping": 2.0})
     preset = load_preset(str(sub / "z.json"))
     assert preset == {"gradient_clipping": 2.0, "zero_optimization": {"stage": 1, "reduce_bucket_size": 10}}
+
+
+def _recorded_keys(config: dict, world_size: int, deepspeed_config) -> set[str]:
+    """The top-level keys DeepSpeedConfig reads (get, [], in, keys()) while it parses `config`."""
+    seen: set[str] = set()
+
+    class Recording(dict):
+        def get(self, key, *default):
+            seen.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            seen.add(key)
+            return super().__contains__(key)
+
+        def keys(self):
+            owner = self
+
+            class Keys(set):
+                def __contains__(self, key):
+                    seen.add(key)
+                    return dict.__contains__(owner, key)
+
+            return Keys(dict.keys(self))
+
+        def __copy__(self):
+            return self
+
+    import deepspeed.runtime.config as dsc
+
+    stub = types.SimpleNamespace(get_rank=lambda group=None: 0, get_world_size=lambda group=None: world_size)
+    real, dsc.dist = dsc.dist, stub
+    try:
+        dsc.DeepSpeedConfig(Recording(config))
+    finally:
+        dsc.dist = real
+    return seen
+
+
+def test_pinned_deepspeed_keys_are_what_the_installed_deepspeed_reads(deepspeed_config) -> None:
+    """The dry run checks keys without importing DeepSpeed; these sets must be exactly DeepSpeed's."""
+    import deepspeed.runtime.config as dsc
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from launcher.ds_config import DEEPSPEED_KEYS, PRECISION_KEYS, REMOVED_KEYS, ZERO_KEYS
+
+    plan = plan_for(4, (1, 2), 2)
+    full = render(load_preset("ds_configs/bs4.json+ds_configs/zero3.json+ds_configs/bf16.json"), plan)
+    read = _recorded_keys(full, 2, deepspeed_config) | _recorded_keys({"train_micro_batch_size_per_gpu": 1}, 2,
+                                                                      deepspeed_config)
+    assert set(REMOVED_KEYS) == set(dsc._REMOVED_TOP_LEVEL_CONFIG_KEYS)
+    assert set(DEEPSPEED_KEYS) == read - set(REMOVED_KEYS)
+
+    def names(model) -> set[str]:
+        out = set()
+        for name, field in model.model_fields.items():
+            out |= {name} | ({field.alias} if field.alias else set())
+        return out
+
+    assert set(ZERO_KEYS) == names(DeepSpeedZeroConfig)
+    assert set(PRECISION_KEYS["bf16"]) == names(DeepSpeedBF16Config)
+    assert set(PRECISION_KEYS["fp16"]) == names(DeepSpeedFP16Config)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"zero_optimization": {"stage": 7}}, "zero_optimization.stage is 7; valid ZeRO stages: 0, 1, 2, 3"),
+    ({"zero_optimization": {"stage": True}}, "zero_optimization.stage is True; valid ZeRO stages"),
+    ({"zero_optimization": {"stagee": 1}}, "unknown DeepSpeed key zero_optimization.'stagee'; did you mean 'stage'?"),
+    ({"zero_optimization": 3}, "zero_optimization must be an object"),
+    ({"gradient_cliping": 1.0}, "unknown DeepSpeed key 'gradient_cliping'; did you mean 'gradient_clipping'? "
+                                "(DeepSpeed 0.19.8 ignores unknown top-level keys silently)"),
+    ({"nebula": {"enabled": True}}, "\"nebula\" was removed from DeepSpeed 0.19; remove it"),
+    ({"bf16": {"enabled": "yes"}}, "bf16.enabled must be true or false, got 'yes'"),
+    ({"bf16": True}, "bf16 must be an object like {\"enabled\": true}"),
+    ({"fp16": {"enabled": True, "loss_scale": -1}}, "fp16.loss_scale must be a number >= 0, got -1"),
+    ({"fp16": {"enable": True}}, "unknown DeepSpeed key fp16.'enable'; did you mean 'enabled'?"),
+    ({"gradient_clipping": -1}, "gradient_clipping must be a number >= 0 (0: off), got -1"),
+    ({"optimizer": {"type": 3}}, "optimizer must be an object like"),
+])
+def test_the_dry_run_checks_what_deepspeed_would_refuse_late_or_ignore(tmp_path: Path, content: dict,
+                                                                        message: str) -> None:
+    """Each refused before any process group, naming the file that sets the key."""
+    bad = _write(tmp_path, "bad.json", {"extends": str(PRESET_DIR / "base.json"), **content})
+    with pytest.raises(DsConfigError) as info:
+        load_preset(f"ds_configs/bs4.json+{bad}")
+    assert message in str(info.value)
+    assert str(info.value).startswith(str(bad))
+
+
+@pytest.fixture(scope="module")
+def validate():
+    pytest.importorskip("deepspeed")
+    from launcher.ds_config import validate_with_deepspeed
+
+    return validate_with_deepspeed
+
+
+def test_deepspeed_validation_passes_every_shipped_combination(validate) -> None:
+    for spec in COMBOS:
+        preset = load_preset(spec)
+        plan = plan_for(preset_micro_batch(preset) or 4, (2, 2), 3)
+        validate(render(preset, plan, optim={"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}),
+                 plan.world_size, spec)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"zero_optimization": {"stage": 7}}, "DeepSpeed 0.19.8 refuses zero_optimization.stage = 7: Input "
+                                          "should be 0, 1, 2, 3"),
+    ({"fp16": {"enabled": True, "loss_scale": -1}}, "refuses fp16.loss_scale = -1: Value error, fp16.loss_scale must "
+                                                    "be >= 0"),
+    ({"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}},
+     "refuses zero_optimization.reduce_bucket_size = -5: Input should be greater than 0"),
+    ({"bf16": {"enabled": True}, "fp16": {"enabled": True}},
+     "refuses the config at world size 4: bfloat16 and fp16 modes cannot be simultaneously enabled"),
+    ({"optimizer": {"type": "Adamm", "params": {}}}, "optimizer.type 'Adamm' is neither a DeepSpeed optimizer"),
+])
+def test_deepspeed_validation_names_the_key_in_one_line(validate, change: dict, message: str) -> None:
+    """What only DeepSpeed's own model knows, on a config that skipped the dry run's checks."""
+    plan = plan_for(4, (2, 2), 2)
+    rendered = render(load_preset("ds_configs/bs4.json"), plan)
+    rendered.update(change)
+    with pytest.raises(DsConfigError) as info:
+        validate(rendered, plan.world_size, "mine.json")
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_deepspeed_validation_runs_at_the_worlds_size(validate) -> None:
+    plan = plan_for(4, (2, 2), 2)  # 4 × 2 × 4 = 32
+    rendered = render(load_preset("ds_configs/bs4.json"), plan)
+    validate(rendered, 4, "bs4.json")
+    with pytest.raises(DsConfigError, match="at world size 2: Check batch related parameters.*32 != 4 \\* 2 \\* 2"):
+        validate(rendered, 2, "bs4.json")
+
+
+def test_deepspeed_validation_names_the_preset_file_that_sets_the_key(validate, tmp_path: Path) -> None:
+    bad = _write(tmp_path, "buckets.json", {"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}})
+    spec = f"ds_configs/bs4.json+{bad}"
+    plan = plan_for(4, (2, 2), 2)
+    rendered = render(load_preset(spec), plan)  # the dry run's checks let a bucket size through
+    with pytest.raises(DsConfigError) as info:
+        validate(rendered, plan.world_size, spec)
+    assert str(info.value) == (f"{bad}: DeepSpeed 0.19.8 refuses zero_optimization.reduce_bucket_size = -5: "
+                               "Input should be greater than 0")

@@ -55,3 +55,16 @@ def test_state_round_trip():
 def test_bad_kind():
     with pytest.raises(ValueError, match="plateau, cosine"):
         LRSchedule(peak_lr=1e-3, kind="step")
+
+
+def test_a_raised_lr_warms_up_from_the_base_lr():
+    """Goyal et al.'s gradual warmup: from base_lr (5e-4) to k × base_lr (2e-3) in equal increments."""
+    s = LRSchedule(peak_lr=2e-3, warmup_steps=4, warmup_from_lr=5e-4)
+    assert [s.lr(i) for i in range(6)] == pytest.approx([8.75e-4, 1.25e-3, 1.625e-3, 2e-3, 2e-3, 2e-3])
+    cosine = LRSchedule(peak_lr=2e-3, warmup_steps=4, warmup_from_lr=5e-4, kind="cosine", total_steps=100)
+    assert cosine.lr(0) == pytest.approx(8.75e-4) and cosine.lr(4) == pytest.approx(2e-3)
+
+
+def test_warmup_start_must_lie_between_0_and_the_peak():
+    with pytest.raises(ValueError, match="warmup_from_lr 0.002 must be in \\[0, peak_lr 0.001\\]"):
+        LRSchedule(peak_lr=1e-3, warmup_steps=4, warmup_from_lr=2e-3)

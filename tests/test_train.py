@@ -82,13 +82,67 @@ def test_optimizer_steps_per_epoch_match_the_plan(demo_corpus, tmp_path):
 
 
 def test_reference_failure_is_refused_before_any_process_group(demo_corpus, tmp_path):
-    # The story: 12 per GPU with the recipe's effec_batch_size 8 never steps in the reference.
-    proc = run_deepspeed(*demo_args(demo_corpus, tmp_path / "r", ds="ds_configs/bs12.json"), timeout=120)
+    # The story, typed: 12 per GPU with effec_batch_size 8 never steps in the reference.
+    proc = run_deepspeed(*demo_args(demo_corpus, tmp_path / "r", "--accu_grad", "1", "--effec_batch_size", "8",
+                                    ds="ds_configs/bs12.json"), timeout=120)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "8 is not a positive multiple of 12" in out
     assert "Check batch related parameters" not in out  # never DeepSpeed's own assertion
     assert "Initializing TorchBackend" not in out and not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_the_mission_line_as_written_plans_then_stops_before_the_process_group(tmp_path):
+    """`deepspeed --num_gpus 2 launcher/train.py --ds_config ds_configs/bs12.json`: no recipe, so the built-in
+    defaults, which name no training list. It plans 12 × 2 × 2 = 48 and stops with one error line."""
+    proc = subprocess.run(deepspeed_cmd("--ds_config", "ds_configs/bs12.json", "--run_dir", str(tmp_path / "r")),
+                          cwd=ROOT, env=train_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "12 × 2 × 2 = 48 samples per update" in proc.stdout
+    assert proc.stderr.count("error: data.train_list is not set (the built-in defaults have none)") == 1
+    assert "Traceback" not in out and "Initializing TorchBackend" not in out
+
+
+def test_the_mission_line_trains_on_the_demo_corpus(demo_corpus, tmp_path):
+    """The same launch with the demo corpus and the tiny model: the built-in defaults' accumulation (8 samples per
+    GPU at batch_size 4: 2 micro-batches) kept at the preset's 12, on the 2 ranks the launcher started."""
+    run_dir = tmp_path / "bs12"
+    ok(run_deepspeed("--ds_config", "ds_configs/bs12.json", "--run_dir", str(run_dir), "model.preset=tiny",
+                     f"data.train_list={demo_corpus['train_list']}", "data.segment_seconds=1.0", "data.num_workers=0",
+                     "train.max_steps=2", "train.progress_bar=false", "train.log_interval_steps=1"))
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert (plan["micro_batch"], plan["accumulation_steps"], plan["world_size"], plan["global_batch"]) == (12, 2, 2, 48)
+    assert plan["peak_lr"] == pytest.approx(1.5e-3) and plan["warmup_from_lr"] == 5e-4
+    assert plan["sources"]["world_size"] == "the launcher (deepspeed or torchrun: WORLD_SIZE, LOCAL_WORLD_SIZE)"
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == [1, 2]
+    # The warmup starts from base_lr (Goyal et al.), not from 0.
+    assert 5e-4 < train[0]["lr"] < 5e-4 + (1.5e-3 - 5e-4) / plan["warmup_steps"] * 1.001
+    end = records(run_dir, "end")[-1]
+    assert end["micro_steps"] == 4 and end["samples_seen"] == 96
+
+
+@pytest.mark.parametrize("extra, preset, message", [
+    (("train.max_epoch=-3",), None, "error: command line 'train.max_epoch=-3': train.max_epoch must be >= 1, got -3"),
+    ((), {"zero_optimization": {"stage": 7}}, "zero_optimization.stage is 7; valid ZeRO stages: 0, 1, 2, 3"),
+    # Past the dry run's own checks: only DeepSpeed's config model knows the range of a bucket size.
+    ((), {"zero_optimization": {"stage": 2, "reduce_bucket_size": -5}},
+     "DeepSpeed 0.19.8 refuses zero_optimization.reduce_bucket_size = -5: Input should be greater than 0"),
+])
+def test_bad_config_is_one_error_line_before_any_process_group(demo_corpus, tmp_path, extra, preset, message):
+    ds = "ds_configs/bs4.json"
+    if preset is not None:
+        (tmp_path / "bad.json").write_text(json.dumps(preset))
+        ds += f"+{tmp_path / 'bad.json'}"
+    proc = run_deepspeed(*demo_args(demo_corpus, tmp_path / "r", *extra, ds=ds), timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]  # rank 0 only, one line
+    if preset is not None:
+        assert errors[0].startswith(f"error: {tmp_path / 'bad.json'}: ")  # the file to fix
+    out = proc.stdout + proc.stderr
+    assert "Traceback" not in out and "Initializing TorchBackend" not in out
 
 
 def test_dry_run_needs_no_process_group(demo_corpus):
@@ -141,12 +195,21 @@ def test_resume_on_fewer_ranks_keeps_global_batch_lr_and_cursor(demo_corpus, tmp
     assert plan1["global_batch"] == plan2["global_batch"] and plan1["peak_lr"] == plan2["peak_lr"]
     assert plan1["accumulation_steps"] == 2 * plan2["accumulation_steps"]
     assert "universal" in proc.stdout
+    assert "global batch 16 held from checkpoint" in " ".join(proc.stdout.replace("│", " ").split())
+    assert plan1["resumed_from"] == f"checkpoint {run_dir / 'checkpoints' / 'step00000003'}"
+    assert plan1["sources"]["global_batch"].startswith(f"held from {plan1['resumed_from']}")
     after = json.loads((run_dir / "checkpoints" / "step00000005" / "COMPLETE.json").read_text())
     cursor_before = before["state"]["sampler"]["cursor"]
     assert after["state"]["sampler"]["cursor"] == cursor_before + 2 * plan1["global_batch"] or \
         after["state"]["sampler"]["epoch"] > before["state"]["sampler"]["epoch"]
     steps = [r["step"] for r in records(run_dir, "train")]
     assert steps[-2:] == [4, 5]
+    # An explicit batch that contradicts the checkpoint is refused before any process group, with the numbers.
+    proc = run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=7", "--resume", "auto",
+                                    "--global_batch", "32", *common, ds=ds), nproc=1, timeout=300)
+    assert proc.returncode != 0 and "Initializing TorchBackend" not in proc.stdout + proc.stderr
+    assert "command line global_batch=32 means 32 samples per update, but this run resumes checkpoint " in proc.stderr
+    assert "which was trained with a global batch of 16" in proc.stderr
 
 
 def test_export_loads_into_a_plain_model(demo_corpus, tmp_path):
