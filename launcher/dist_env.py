@@ -161,6 +161,11 @@ def _id_list(environ: Mapping[str, str], key: str) -> list[str] | None:
     return [entry.strip() for entry in value.split(",") if entry.strip()] if value else None
 
 
+def in_slurm_step(environ: Mapping[str, str]) -> bool:
+    """Inside an srun step (a rank, or a launcher srun started), not the batch shell."""
+    return "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
+
+
 def _gpu_count(value: str) -> int:
     """SLURM's GPU request per node: '8', 'a100:8', 'gpu:a100:8', '4(x2)', or several types: 'a100:2,v100:2'."""
     try:
@@ -179,8 +184,7 @@ def slurm_gpus_on_node(environ: Mapping[str, str]) -> int | None:
     """
     if "SLURM_JOB_ID" not in environ:
         return None
-    in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
-    if in_step:
+    if in_slurm_step(environ):
         on_node = _int(environ, "SLURM_GPUS_ON_NODE")
         return on_node if on_node is not None else len(_id_list(environ, "SLURM_STEP_GPUS") or [])
     if environ.get("SLURM_GPUS_PER_NODE", "").strip():
@@ -240,8 +244,7 @@ def pick_cuda_device(environ: Mapping[str, str], visible_count: int) -> CudaDevi
             f"start one rank per GPU (--ntasks-per-node={slurm_gpus}) or ask for {per_node} GPUs per node"
         )
     if listed is None and "SLURM_JOB_ID" in environ:
-        in_step = "SLURM_STEP_ID" in environ or "SLURM_STEPID" in environ
-        keys = ("SLURM_STEP_GPUS", "GPU_DEVICE_ORDINAL") if in_step else ("SLURM_JOB_GPUS", "GPU_DEVICE_ORDINAL")
+        keys = ("SLURM_STEP_GPUS" if in_slurm_step(environ) else "SLURM_JOB_GPUS", "GPU_DEVICE_ORDINAL")
         ids = next((found for key in keys if (found := _id_list(environ, key)) is not None), None)
         if ids is not None:
             mine = ids[0] if len(ids) == 1 else (ids[local] if len(ids) >= per_node else None)

@@ -19,7 +19,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, MutableMapping
 
-from launcher.dist_env import DistEnv, EnvError, pick_cuda_device, slurm_gpus_on_node, slurm_tasks_per_node
+from launcher.dist_env import (DistEnv, EnvError, in_slurm_step, pick_cuda_device, slurm_gpus_on_node,
+                               slurm_tasks_per_node)
 
 if TYPE_CHECKING:
     import torch
@@ -85,7 +86,10 @@ def check_accelerator(environ: Mapping[str, str], accelerator: str, torch_versio
     slurm_gpus = slurm_gpus_on_node(environ) or 0
     requested = environ.get("DS_ACCELERATOR", "").strip()
     if slurm_gpus:
-        given = f"SLURM gave this node {slurm_gpus} GPU(s) (SLURM_GPUS_ON_NODE={environ.get('SLURM_GPUS_ON_NODE', '?')})"
+        keys = (("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS") if in_slurm_step(environ)
+                else ("SLURM_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"))
+        shown = next((f" ({key}={environ[key]})" for key in keys if environ.get(key)), "")
+        given = f"SLURM gave this node {slurm_gpus} GPU(s){shown}"
     elif requested == "cuda":
         given = "DS_ACCELERATOR=cuda asks for GPUs"
     else:
