@@ -1,6 +1,8 @@
 """Checks before training that turn would-be hangs into messages saying what to fix.
 
 - `check_world`: the world the launcher (and SLURM) gives is the world the plan assumes.
+- `check_accelerator` / `select_device`: a job that SLURM gave GPUs trains on them (not on the CPU
+  because of a stray DS_ACCELERATOR=cpu or a CPU-only torch), and each rank takes its own GPU.
 - `check_run_dir`: the run directory can be written (rank 0 creates it).
 - `check_head_reachable`: a non-zero rank can open a TCP connection to MASTER_ADDR:MASTER_PORT,
   retried for a bounded time, before any process group waits on it.
@@ -15,9 +17,13 @@ import socket
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, MutableMapping
 
-from launcher.dist_env import DistEnv, slurm_tasks_per_node
+from launcher.dist_env import (DistEnv, EnvError, in_slurm_step, pick_cuda_device, slurm_gpus_on_node,
+                               slurm_tasks_per_node)
+
+if TYPE_CHECKING:
+    import torch
 
 
 class PreflightError(RuntimeError):
@@ -67,6 +73,65 @@ def check_world(env: DistEnv, environ: Mapping[str, str], requested_nodes: int |
             problems.append(f"SLURM_TASKS_PER_NODE={tpn}: every node must run the same number of ranks")
     if problems:
         raise PreflightError("preflight: the world does not match the plan:\n  - " + "\n  - ".join(problems))
+
+
+def check_accelerator(environ: Mapping[str, str], accelerator: str, torch_version: str, torch_cuda: str | None,
+                      cuda_devices: int) -> None:
+    """Refuse a rank whose DeepSpeed accelerator contradicts the GPUs it was given, before any process group.
+
+    `accelerator`: DeepSpeed's choice (get_accelerator().device_name()); `torch_cuda`: torch.version.cuda
+    (None for a CPU-only build); `cuda_devices`: torch.cuda.device_count(). GPUs are expected when SLURM
+    gave this node some (SLURM_GPUS_ON_NODE, SLURM_STEP_GPUS, SLURM_JOB_GPUS) or DS_ACCELERATOR=cuda says so.
+    """
+    slurm_gpus = slurm_gpus_on_node(environ) or 0
+    requested = environ.get("DS_ACCELERATOR", "").strip()
+    if slurm_gpus:
+        keys = (("SLURM_GPUS_ON_NODE", "SLURM_STEP_GPUS") if in_slurm_step(environ)
+                else ("SLURM_GPUS_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"))
+        shown = next((f" ({key}={environ[key]})" for key in keys if environ.get(key)), "")
+        given = f"SLURM gave this node {slurm_gpus} GPU(s){shown}"
+    elif requested == "cuda":
+        given = "DS_ACCELERATOR=cuda asks for GPUs"
+    else:
+        return
+    if requested and requested != "cuda":
+        why = (f"DS_ACCELERATOR={requested} is set in the environment (sbatch --export=ALL passes the submitting "
+               "shell's); unset it, or submit with --export=ALL,DS_ACCELERATOR=cuda")
+    elif torch_cuda is None:
+        why = f"torch {torch_version} is a CPU-only build: install a CUDA build of torch on this node"
+    elif cuda_devices == 0:
+        why = (f"torch {torch_version} (CUDA {torch_cuda}) finds no CUDA device (CUDA_VISIBLE_DEVICES="
+               f"{environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): check nvidia-smi and the driver on this node")
+    elif accelerator != "cuda":
+        why = f"DeepSpeed picked its {accelerator} accelerator although torch finds {cuda_devices} CUDA device(s)"
+    else:
+        return
+    outcome = "this rank would train on the CPU" if accelerator == "cpu" else "this rank cannot use them"
+    fix = " To train on the CPU on purpose, ask SLURM for no GPUs (--gpus-per-node=0)." if slurm_gpus else ""
+    raise PreflightError(f"{given}, but {outcome}: {why}.{fix}")
+
+
+def select_device(env: DistEnv, environ: MutableMapping[str, str] = os.environ) -> torch.device:
+    """Check the accelerator, pick this rank's device and export LOCAL_RANK for DeepSpeed; a torch.device.
+
+    Call before deepspeed.init_distributed: DeepSpeed binds the process group to cuda:LOCAL_RANK.
+    """
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator().device_name()
+    cuda_devices = torch.cuda.device_count() if torch.version.cuda else 0
+    try:
+        check_accelerator(environ, accelerator, torch.__version__, torch.version.cuda, cuda_devices)
+        if accelerator != "cuda":
+            return torch.device(accelerator)
+        device = pick_cuda_device(environ, cuda_devices)
+    except (PreflightError, EnvError) as e:
+        raise PreflightError(f"preflight on {socket.gethostname()}: {e}") from None
+    environ.update(device.export())
+    torch.cuda.set_device(device.index)
+    print(f"[device] rank {env.rank} on {socket.gethostname()}: {device.why}", flush=True)
+    return torch.device("cuda", device.index)
 
 
 def check_run_dir(run_dir: Path, create: bool) -> None:

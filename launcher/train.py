@@ -189,11 +189,12 @@ class Trainer:
     # ---- set-up ------------------------------------------------------------------------------
     def _init_distributed(self) -> None:
         import deepspeed
-        import torch
         from deepspeed.accelerator import get_accelerator
 
-        from launcher.preflight import check_rendezvous
+        from launcher.preflight import check_rendezvous, select_device
 
+        # First: a GPU job on the wrong accelerator, or a rank without its own GPU, stops here.
+        self.device = select_device(self.env)
         if self.env.rank == 0:
             check_run_dir(self.run_dir, create=True)
         accel = get_accelerator()
@@ -212,9 +213,6 @@ class Trainer:
             release_shm_segment_name(self.env.rank)
         if self.env.rank != 0:
             check_run_dir(self.run_dir, create=False)
-        if accel.device_name() == "cuda":
-            torch.cuda.set_device(self.env.local_rank)
-        self.device = torch.device(accel.device_name(self.env.local_rank) if accel.device_name() != "cpu" else "cpu")
         self.device_settings = apply_device_settings(self.cfg.cuda, self.device.type)
 
     def _build_data(self):
