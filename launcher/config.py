@@ -120,6 +120,24 @@ class TrainSection:
     # Abort after this many consecutive optimizer steps with a non-finite loss.
     max_consecutive_nonfinite: int = 5
     progress_bar: bool = True
+    # Start from these weights (launcher/init_weights.py): a ClearerVoice checkpoint, a launcher.export file or a
+    # run directory. Only the weights: optimizer and LR are the recipe's. A run that resumes ignores it.
+    init_from: str | None = None
+    # A tensor of the model missing from init_from is an error; false keeps its fresh initialisation instead.
+    init_strict: bool = True
+    # PESQ/STOI/SI-SDR/DNSMOS of whole validation files every N epochs (0: never), on at most eval_max_pairs
+    # pairs spread over data.valid_list, sharded over the ranks (launcher/evaluate.py).
+    eval_interval_epochs: int = 0
+    eval_max_pairs: int = 64
+    # Processes per rank that compute the metrics while the model enhances the next batch (0: in the rank).
+    eval_metric_workers: int = 1
+
+    def __post_init__(self) -> None:
+        for key, low in (("eval_interval_epochs", 0), ("eval_max_pairs", 1), ("eval_metric_workers", 0)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"train.{key} must be >= {low}, got {getattr(self, key)}")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError("train.init_from is empty: give a checkpoint file or run directory, or none")
 
 
 @dataclass(frozen=True)
