@@ -8,8 +8,9 @@ The pairs are the demo corpus's validation pairs (generated under runs/demo_corp
 runs every configuration once, in turn, so that all see the same machine load; the medians are reported, with
 the ratio to the model alone. Every configuration runs the whole pipeline as the command does: the reader
 thread, the batches of equal frame counts, the spawned metric workers (their start-up included) and all four
-metric groups (PESQ, STOI+ESTOI, SI-SDR, DNSMOS) for the enhanced signal and the noisy input. The load average
-before and after each repeat is recorded: on a shared machine it says how far to trust the numbers.
+metric groups (PESQ, STOI+ESTOI, SI-SDR, DNSMOS) for the enhanced signal and the noisy input. Then the cost
+of each metric group per pair, in this process. The load average before and after each repeat is recorded: on a
+shared machine it says how far to trust the numbers.
 """
 
 from __future__ import annotations
@@ -75,6 +76,22 @@ def main() -> int:
             print(f"repeat {repeat + 1}: {name}: {times[name][-1]:.1f} s", flush=True)
         loads.append({"before": before, "after": os.getloadavg()})
 
+    # What each metric group costs, for the enhanced signal and the input together, in this process (so with its
+    # threads): where the time of a pair goes, and what --metrics saves.
+    from model.metrics import METRIC_GROUPS, pair_metrics
+
+    sample = items[:min(len(items), len(base), 10)]
+    enhanced = enhance_files(model, [read_audio(i.noisy, False) for i in sample], 1, device)
+    cleans = [read_audio(i.clean, False) for i in sample]
+    group_cost = {}
+    for group in ["dnsmos", *[g for g in METRIC_GROUPS if g != "dnsmos"]]:  # DNSMOS first: it warms librosa up
+        pair_metrics(enhanced[0], read_audio(sample[0].noisy, False), cleans[0], SAMPLE_RATE_HZ, [group])
+        t0 = time.perf_counter()
+        for item, e, c in zip(sample, enhanced, cleans):
+            pair_metrics(e, read_audio(item.noisy, False), c, SAMPLE_RATE_HZ, [group])
+        group_cost[group] = (time.perf_counter() - t0) / len(sample)
+        print(f"{group}: {group_cost[group]:.3f} s per pair (enhanced + noisy)", flush=True)
+
     alone = statistics.median(times["model alone"])
     results = []
     for name, ts in times.items():
@@ -84,7 +101,8 @@ def main() -> int:
     record = {"machine": machine(), "torch_threads": torch.get_num_threads(),
               "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "preset": args.preset, "pairs": args.pairs,
               "audio_seconds": audio_s, "batch_size": args.batch_size, "repeats": args.repeats,
-              "load_average_1_5_15_min": loads, "results": results}
+              "load_average_1_5_15_min": loads, "results": results,
+              "metric_seconds_per_pair_in_process": group_cost, "metric_pairs_measured": len(sample)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     for r in results:

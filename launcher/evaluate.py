@@ -192,16 +192,17 @@ def score_job(job: dict) -> dict:
     row: dict[str, Any] = {"row": job["row"], "enhanced": ""}
     columns = [n + s for g in job["groups"] for n in METRIC_GROUPS[g]
                for s in ("", NOISY_SUFFIX) if s == "" or job["with_noisy"]]
+    values: dict[str, float | None] = {}  # with no noisy audio (its note says why), nothing to score
     try:
-        if job["out"] and job["enhanced"] is not None:
-            write_wav(job["out"], job["enhanced"])
-            row["enhanced"] = job["out"]
-        clean = read_audio(job["clean"], job["resample"])
-        values, why = pair_metrics(job["enhanced"], job["noisy"], clean, SAMPLE_RATE_HZ, job["groups"],
-                                   enhanced_missing=job.get("enhanced_missing"),
-                                   with_noisy=job["with_noisy"])
-        if why:
-            notes.append(why)
+        if job["noisy"] is not None:
+            if job["out"] and job["enhanced"] is not None:
+                write_wav(job["out"], job["enhanced"])
+                row["enhanced"] = job["out"]
+            clean = read_audio(job["clean"], job["resample"])
+            values, why = pair_metrics(job["enhanced"], job["noisy"], clean, SAMPLE_RATE_HZ, job["groups"],
+                                       enhanced_missing=job.get("enhanced_missing"), with_noisy=job["with_noisy"])
+            if why:
+                notes.append(why)
     except Exception as e:  # a clean file that fails to read: one row says so
         values = {c: None for c in columns}
         notes += [job["enhanced_missing"]] if job.get("enhanced_missing") else []
@@ -280,7 +281,7 @@ def enhance_and_score(model, items: Sequence[Item], batches: Iterable[Sequence[i
                 elif e is None:
                     job["enhanced_missing"] = f"shorter than one 40 ms frame ({len(a)} samples): not enhanced"
                 if job["noisy"] is None:
-                    pool.done.append(_unreadable_row(job))
+                    pool.done.append(score_job(job))  # nothing to compute
                 else:
                     pool.submit(job)
             done += len(batch)
@@ -291,18 +292,6 @@ def enhance_and_score(model, items: Sequence[Item], batches: Iterable[Sequence[i
         reader.shutdown(wait=True)
         if pool.executor is not None:
             pool.executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _unreadable_row(job: dict) -> dict:
-    from model.metrics import METRIC_GROUPS, NOISY_SUFFIX
-
-    row = {"row": job["row"], "enhanced": "", "notes": job["note"]}
-    for g in job["groups"]:
-        for name in METRIC_GROUPS[g]:
-            row[name] = None
-            if job["with_noisy"]:
-                row[name + NOISY_SUFFIX] = None
-    return row
 
 
 # ---- results -------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ class Weights:
 
     state: dict[str, Any]
     source: str  # for messages: the path, and for a run which checkpoint
-    kind: str  # "ClearerVoice/bare state dict", "launcher.export file", "run checkpoint"
+    kind: str  # "ClearerVoice-format checkpoint" (bare state dicts too), "launcher.export file", "run checkpoint"
     preset: str | None = None  # a run's preset
     config: Any = None  # an export's MossFormer2Config
     prefix_removed: bool = False

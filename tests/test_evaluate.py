@@ -240,3 +240,20 @@ def test_bad_inputs_are_refused_or_become_rows(demo_corpus, tmp_path, capsys):
     assert main(["--checkpoint", str(tmp_path / "tiny.pt"), *base, "--skip_bad",
                  "--enhanced_dir", str(demo / "valid" / "noisy")]) == 2
     assert "would overwrite the input file" in capsys.readouterr().err
+
+
+def test_a_file_that_cannot_be_read_becomes_a_note(demo_corpus, tmp_path):
+    """Files vanish or break between validation and reading (network file systems): that pair's row says so."""
+    from launcher.evaluate import Item, enhance_and_score
+    from model import build_model
+
+    demo = Path(demo_corpus["dir"])
+    good = (str(demo / "valid/noisy/0000.wav"), str(demo / "valid/clean/0000.wav"))
+    items = [Item(0, *good, SR * 2), Item(1, str(tmp_path / "gone.wav"), good[1], SR * 2),
+             Item(2, good[0], str(tmp_path / "gone_clean.wav"), SR * 2)]
+    rows = enhance_and_score(build_model("tiny"), items, [[0], [1], [2]], device="cpu", batch_size=2,
+                             metric_workers=0, groups=("si_sdr",))
+    rows = {r["row"]: r for r in rows}
+    assert rows[0]["si_sdr_noisy"] is not None and rows[0]["notes"] == ""
+    assert rows[1]["si_sdr"] is None and rows[1]["notes"].startswith("noisy file:") and "gone.wav" in rows[1]["notes"]
+    assert rows[2]["si_sdr_noisy"] is None and "gone_clean.wav" in rows[2]["notes"]
