@@ -2,8 +2,11 @@
 
 PESQ, STOI and DNSMOS come from the libraries the field uses, unchanged: ``pesq`` (ITU-T P.862.2 wide band),
 ``pystoi`` (STOI, and extended STOI) and ``speechmos`` (DNSMOS P.835, whose ONNX models it ships; run by
-onnxruntime, nothing is downloaded). They all want 16 kHz: 48 kHz signals are resampled with torchaudio.
-SI-SDR is ours (:func:`si_sdr`), computed on the 48 kHz signals.
+onnxruntime, nothing is downloaded). PESQ and DNSMOS are defined at 16 kHz (speechmos refuses other rates; pystoi
+resamples to its 10 kHz itself): 48 kHz signals are resampled with torchaudio. SI-SDR is ours (:func:`si_sdr`),
+computed on the 48 kHz signals. DNSMOS, as in Microsoft's reference script, repeats a clip shorter than 9.01 s
+until it is that long and scores a longer one in 9.01 s windows every second, averaged: its cost grows with the
+length (about one model run per second of audio), and it is the slowest of the four.
 
 A metric that is undefined for a pair (a silent clean reference, a signal shorter than PESQ's 0.25 s,
 non-finite samples, ...) is ``None`` with a reason in the notes, never an exception: one bad file must not
