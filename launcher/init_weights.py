@@ -332,12 +332,12 @@ def confirm_after_initialize(engine, plan: InitPlan | None, zero_stage: int, log
                 differ.append(name)
             held[name] = masters.get(name, value)
     differ += [name for name, value in masters.items() if not torch.equal(value, state[name].float())]
-    verdict = torch.tensor([float(len(differ))], device=next(iter(params.values())).device)
-    dist.all_reduce(verdict)
+    verdict = torch.tensor([float(bool(differ))], device=next(iter(params.values())).device)
+    dist.all_reduce(verdict)  # every rank stops, or none
     if verdict.item():
-        raise InitError(f"init_from {plan.source}: after deepspeed.initialize {int(verdict.item())} tensor(s) differ "
-                        f"from the file (this rank: {_names(sorted(set(differ)))}); DeepSpeed did not keep the "
-                        "loaded weights")
+        raise InitError(f"init_from {plan.source}: after deepspeed.initialize the engine's weights differ from the "
+                        f"file on {int(verdict.item())} of {dist.get_world_size()} rank(s) ({len(set(differ))} "
+                        f"tensor(s) here: {_names(sorted(set(differ)))})")
     no_masters = mixed and not masters  # an optimizer of a kind this module does not know
     log.log({"kind": "init", "source": plan.source, "tensors": len(held), "missing": plan.missing,
              "unexpected": plan.unexpected, "sha256": _digest(held), "zero_stage": zero_stage,
