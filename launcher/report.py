@@ -49,7 +49,7 @@ def draw(run_dirs: list[Path], out: Path) -> Path:
     runs = [(run_dir, read_metrics(run_dir)) for run_dir in run_dirs]
     with_eval = any(r.get("kind") == "eval" for _, records in runs for r in records)
     rows = 2 if with_eval else 1
-    fig = plt.figure(figsize=(12, 4.5 * rows))
+    fig = plt.figure(figsize=(14 if with_eval else 12, 4.5 * rows))
     axes = [fig.add_subplot(rows, 2, k + 1) for k in range(2)]
     eval_axes = [fig.add_subplot(rows, len(EVAL_PANELS), len(EVAL_PANELS) + k + 1)
                  for k in range(len(EVAL_PANELS))] if with_eval else []
@@ -76,7 +76,9 @@ def draw(run_dirs: list[Path], out: Path) -> Path:
     axes[0].set(xlabel="samples seen", ylabel="mask loss", title="Mask loss")
     axes[1].set(xlabel="samples seen", ylabel="SI-SNR (dB)", title="Validation SI-SNR of the enhanced signal")
     for ax, (_, title) in zip(eval_axes, EVAL_PANELS):
-        ax.set(xlabel="samples seen", title=f"{title}, whole validation files")
+        ax.set(xlabel="samples seen", title=title)
+    if eval_axes:
+        eval_axes[0].set_ylabel("whole validation files (train.eval_*)")
     for ax in [*axes, *eval_axes]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
