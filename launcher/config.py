@@ -113,6 +113,8 @@ RANGES: dict[str, dict[str, Range | str]] = {
         "max_epoch": _at_least(1), "max_steps": _at_least(1), "seed": _SEED, "run_dir": _NON_EMPTY,
         "log_interval_steps": _at_least(1), "save_interval_steps": _at_least(1), "keep_last": _at_least(1),
         "valid_interval_steps": _at_least(1), "max_consecutive_nonfinite": _at_least(1),
+        "init_from": _NON_EMPTY, "eval_interval_epochs": _at_least(0), "eval_max_pairs": _at_least(1),
+        "eval_metric_workers": _at_least(0),
     },
     "cuda": {},  # true/false switches only
 }
@@ -239,6 +241,17 @@ class TrainSection:
     # Abort after this many consecutive optimizer steps with a non-finite loss.
     max_consecutive_nonfinite: int = 5
     progress_bar: bool = True
+    # Start from these weights (launcher/init_weights.py): a ClearerVoice checkpoint, a launcher.export file or a
+    # run directory. Only the weights: optimizer and LR are the recipe's. A run that resumes ignores it.
+    init_from: str | None = None
+    # A tensor of the model missing from init_from is an error; false keeps its fresh initialisation instead.
+    init_strict: bool = True
+    # PESQ/STOI/SI-SDR/DNSMOS of whole validation files every N epochs (0: never), on at most eval_max_pairs
+    # pairs spread over data.valid_list, sharded over the ranks (launcher/evaluate.py).
+    eval_interval_epochs: int = 0
+    eval_max_pairs: int = 64
+    # Processes per rank that compute the metrics while the model enhances the next batch (0: in the rank).
+    eval_metric_workers: int = 1
 
     def __post_init__(self) -> None:
         _check_ranges(self, "train")

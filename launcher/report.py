@@ -1,4 +1,5 @@
-"""Loss curves of several runs against samples seen, in one PNG.
+"""Loss curves of several runs against samples seen, in one PNG (and PESQ/STOI/SI-SDR/DNSMOS when the runs
+evaluated during training).
 
     python -m launcher.report runs/story_bs4 runs/story_bs12 --out story.png
 
@@ -35,15 +36,24 @@ def label_for(run_dir: Path) -> str:
     return run_dir.name
 
 
+# The `eval` records of train.eval_interval_epochs (launcher/train_eval.py): one panel per metric.
+EVAL_PANELS = (("pesq_wb", "PESQ-WB"), ("stoi", "STOI"), ("si_sdr", "SI-SDR (dB)"), ("dnsmos_ovrl", "DNSMOS OVRL"))
+
+
 def draw(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run_dir in run_dirs:
-        records = read_metrics(run_dir)
+    runs = [(run_dir, read_metrics(run_dir)) for run_dir in run_dirs]
+    with_eval = any(r.get("kind") == "eval" for _, records in runs for r in records)
+    rows = 2 if with_eval else 1
+    fig = plt.figure(figsize=(14 if with_eval else 12, 4.5 * rows))
+    axes = [fig.add_subplot(rows, 2, k + 1) for k in range(2)]
+    eval_axes = [fig.add_subplot(rows, len(EVAL_PANELS), len(EVAL_PANELS) + k + 1)
+                 for k in range(len(EVAL_PANELS))] if with_eval else []
+    for run_dir, records in runs:
         label = label_for(run_dir)
         train = [r for r in records if r.get("kind") == "train"]
         valid = [r for r in records if r.get("kind") == "valid"]
@@ -54,11 +64,25 @@ def draw(run_dirs: list[Path], out: Path) -> Path:
                              color=line.get_color(), label=f"{run_dir.name} (valid)")
         if valid:
             axes[1].plot([r["samples_seen"] for r in valid], [r["si_snr_db"] for r in valid], "o-", label=label)
+        evals = [r for r in records if r.get("kind") == "eval"]
+        for ax, (key, _) in zip(eval_axes, EVAL_PANELS):
+            points = [(r["samples_seen"], r[key]) for r in evals if r.get(key) is not None]
+            if not points:
+                continue
+            line, = ax.plot(*zip(*points), "o-", label=run_dir.name)
+            noisy = [r.get(f"{key}_noisy") for r in evals if r.get(f"{key}_noisy") is not None]
+            if noisy:  # the input's score: what the model has to beat
+                ax.axhline(noisy[-1], linestyle=":", color=line.get_color(), label=f"{run_dir.name} (noisy input)")
     axes[0].set(xlabel="samples seen", ylabel="mask loss", title="Mask loss")
     axes[1].set(xlabel="samples seen", ylabel="SI-SNR (dB)", title="Validation SI-SNR of the enhanced signal")
-    for ax in axes:
+    for ax, (_, title) in zip(eval_axes, EVAL_PANELS):
+        ax.set(xlabel="samples seen", title=title)
+    if eval_axes:
+        eval_axes[0].set_ylabel("whole validation files (train.eval_*)")
+    for ax in [*axes, *eval_axes]:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -170,9 +170,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         os.environ.update(env.export())
     from launcher.checkpoint import CheckpointError
+    from launcher.init_weights import prepare_init
 
     try:
-        return Trainer(cfg, plan, ds_config, env, args.resume).run()
+        init = prepare_init(cfg, args.resume)  # every rank, before the process group: a bad file stops all here
+    except ConfigError as e:
+        if env.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return Trainer(cfg, plan, ds_config, env, args.resume, init).run()
     except (PreflightError, TrainingAborted, ConfigError, DataError, CheckpointError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         return 1
@@ -181,8 +188,11 @@ def main(argv: list[str] | None = None) -> int:
 class Trainer:
     """Holds the engine, data and counters of one run; `run()` is the loop."""
 
-    def __init__(self, cfg: Config, plan: Plan, ds_config: dict, env: DistEnv, resume: str | None) -> None:
+    def __init__(self, cfg: Config, plan: Plan, ds_config: dict, env: DistEnv, resume: str | None,
+                 init=None) -> None:
         self.cfg, self.plan, self.ds_config, self.env, self.resume = cfg, plan, ds_config, env, resume
+        self.init = init  # train.init_from, checked (launcher/init_weights.py)
+        self.evaluation = None  # train.eval_interval_epochs (launcher/train_eval.py), built when first used
         self.run_dir = Path(cfg.train.run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
@@ -273,12 +283,14 @@ class Trainer:
         import deepspeed
         import torch
 
+        from launcher.init_weights import confirm_after_initialize, load_before_initialize
         from model import build_model
 
         # Identical initial weights on every rank (ZeRO-3 partitions what each rank built), then
         # per-rank streams for dropout and dither.
         torch.manual_seed(self.cfg.train.seed)
         model = build_model(self.cfg.model.preset)
+        load_before_initialize(model, self.init, self.metrics)
         torch.manual_seed(self.cfg.train.seed + 1000 * (self.env.rank + 1))
         ds_config = dict(self.ds_config)
         if load_universal:
@@ -289,6 +301,8 @@ class Trainer:
         self.input_dtype = (torch.bfloat16 if ds_config.get("bf16", {}).get("enabled")
                             else torch.float16 if ds_config.get("fp16", {}).get("enabled") else torch.float32)
         self.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+        confirm_after_initialize(self.engine, self.init, self.zero_stage, self.metrics)
+        self.init = None  # the weights are in the engine now: free the file's copy
 
     def _record_run(self) -> None:
         """The run's record, written once by rank 0: config, plan, DeepSpeed config, code revision."""
@@ -368,6 +382,7 @@ class Trainer:
         from launcher.metrics import Metrics, NullMetrics
         from launcher.preempt import PREEMPTED_EXIT, Preemption
         from launcher.schedule import LRSchedule
+        from launcher.train_eval import maybe_evaluate
         from model import compute_features, mask_loss
 
         preempt = self.preempt = Preemption()  # first: a notice during set-up still yields a checkpoint
@@ -501,6 +516,7 @@ class Trainer:
                     val_loss = self._validate(epoch, engine.global_steps)
                     action = self.schedule.end_epoch(val_loss)
                 self._save(best=action == "improved")
+                maybe_evaluate(self, epoch)  # PESQ/STOI/DNSMOS of whole validation files, when due
                 if action == "halve" and self.best_tag:
                     self._reload_best()
                 if action == "stop":
