@@ -34,11 +34,14 @@ throughput by ±30 % from run to run.
 
 --profile adds the variants that locate ours' overhead: ours with a loader worker process
 (data.num_workers=1), ours without the background prefetch thread (data.thread_prefetch=0), ours logging
-every step (train.log_interval_steps=1: a JSONL record, TensorBoard scalars, a log line and, at ZeRO-0 fp32,
-the gradient norm each step); the minimal loop with (a) what launcher/train.py adds for its bookkeeping (a
-local finiteness test per micro-batch and one all-reduce of [loss, finite, bad, stop] per optimizer step),
-(b) our data pipeline with the demo recipe's data settings (CropDataset + CursorSampler + build_loader +
-ThreadPrefetcher) instead of in-memory crops.
+every step (train.log_interval_steps=1: a JSONL record, TensorBoard scalars and a log line each step); the
+minimal loop with (a) what launcher/train.py adds for its bookkeeping (launcher/faults.py's StepWindow: loss
+sums kept on the device per micro-batch, and per optimizer step the plain optimizer's gradient norm and one
+all-reduce, then optimizer_step), (b) our data pipeline with the demo recipe's data settings (CropDataset +
+CursorSampler + build_loader + ThreadPrefetcher) instead of in-memory crops.
+
+--baseline_tree PATH adds `ours_baseline`: launcher/train.py of another checkout (e.g. /work/main, to
+measure a change side by side), run from its own snapshot with the same arguments and corpus.
 
 All runs execute in a snapshot of the working tree (launcher/, model/, data/, ds_configs/, recipes/,
 bench/) copied when the benchmark starts, so that edits made meanwhile (others work in this tree) cannot
@@ -163,6 +166,7 @@ def worker_ds(args: argparse.Namespace) -> None:
 
     from launcher.dist_env import release_shm_segment_name
     from launcher.ds_config import load_preset
+    from launcher.faults import StepWindow, optimizer_step
     from model import build_model, compute_features, mask_loss
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -179,22 +183,20 @@ def worker_ds(args: argparse.Namespace) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=cfg)
     source = _source(args.data, rank, world)
+    window = StepWindow(engine, torch.device("cpu")) if args.flags else None
     clock = StepClock()
     for _ in range(args.steps):
-        window = torch.zeros(4, dtype=torch.float64)
         for _ in range(ACCUM):
             noisy, clean = source.batch(MICRO)
             loss = mask_loss(engine(compute_features(noisy, dither=1.0)), noisy, clean)
-            if args.flags:  # what launcher/train.py adds: a local finiteness test per micro-batch ...
-                if not torch.isfinite(loss):
-                    raise SystemExit("non-finite loss in the benchmark")
-                window[0] += loss.detach().double()
-                window[1] += 1
+            if window is not None:  # what launcher/train.py adds: device-side loss sums per micro-batch ...
+                window.add(loss)
             engine.backward(loss)
-            if args.flags and engine.is_gradient_accumulation_boundary():
-                dist.all_reduce(window)  # ... and one all-reduce of [loss, finite, bad, stop] per step
-                window.tolist()
-            engine.step()
+            if window is not None and engine.is_gradient_accumulation_boundary():
+                # ... and per step the gradient norm (plain optimizer) and one all-reduce of the window
+                optimizer_step(engine, window.reduce(stop_requested=False))
+            else:
+                engine.step()
         clock.tick()
     clock.write(rank, args.result, MICRO * ACCUM * world)
     dist.barrier()
@@ -249,14 +251,14 @@ def _env() -> dict:
 SNAPSHOT_DIRS = ("launcher", "model", "data", "ds_configs", "recipes", "bench")
 
 
-def snapshot(dest: Path) -> dict[str, str]:
-    """Copy the code the runs use into dest (the demo corpus is linked); {file: sha256} of what was copied."""
+def snapshot(dest: Path, tree: Path = ROOT) -> dict[str, str]:
+    """Copy the code of tree the runs use into dest (the demo corpus is linked); {file: sha256} of what was copied."""
     import hashlib
     import shutil
 
     hashes = {}
     for name in SNAPSHOT_DIRS:
-        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
+        shutil.copytree(tree / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "results"))
         for f in sorted((dest / name).rglob("*.py")):
             hashes[str(f.relative_to(dest))] = hashlib.sha256(f.read_bytes()).hexdigest()[:16]
     (dest / "runs").mkdir()
@@ -265,9 +267,11 @@ def snapshot(dest: Path) -> dict[str, str]:
 
 
 CWD = ROOT  # where the runs execute: the snapshot once main() has made it
+BASELINE_CWD: Path | None = None  # --baseline_tree's snapshot
+LOAD_START = os.getloadavg()  # the machine's load when the benchmark started (recorded with the results)
 
 
-def _run(cmd: list[str], timeout: float) -> tuple[float, list[tuple[float, float]]]:
+def _run(cmd: list[str], timeout: float, cwd: Path | None = None) -> tuple[float, list[tuple[float, float]]]:
     """(wall seconds, [(time.time(), CPU seconds used so far by the whole process tree)]) of one run.
 
     The CPU time of the launcher, the ranks and their loader workers is sampled every 50 ms: unlike wall
@@ -279,7 +283,7 @@ def _run(cmd: list[str], timeout: float) -> tuple[float, list[tuple[float, float
 
     start = time.perf_counter()
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, cwd=CWD, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=cwd or CWD, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
     samples: list[tuple[float, float]] = []
     done = threading.Event()
 
@@ -334,14 +338,14 @@ def cpu_per_step(samples: list[tuple[float, float]], stamps: list[tuple[int, flo
     return [(step, _cpu_at(samples, end) - _cpu_at(samples, start)) for step, start, end in stamps]
 
 
-def run_ours(steps: int, port: int, tmp: Path, extra: list[str], log_interval: int) -> dict:
-    """One run of launcher/train.py; its step times come from the metrics.jsonl records, one per logging
-    interval (the time of an interval divided by its steps)."""
+def run_ours(steps: int, port: int, tmp: Path, extra: list[str], log_interval: int, cwd: Path | None = None) -> dict:
+    """One run of launcher/train.py (of the snapshot in cwd, by default this tree's); its step times come from
+    the metrics.jsonl records, one per logging interval (the time of an interval divided by its steps)."""
     run_dir = tmp / f"ours_{port}"
     cmd = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), "launcher/train.py",
            "--ds_config", DS_SPEC, "--config", RECIPE, "--run_dir", str(run_dir), f"train.max_steps={steps}",
            f"train.log_interval_steps={log_interval}", "data.valid_list=none", "train.progress_bar=false", *extra]
-    wall, samples = _run(cmd, timeout=600)
+    wall, samples = _run(cmd, timeout=600, cwd=cwd)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r.get("kind") == "train"]
     step_s, crossing, reported, waits, windows, sizes = [], [], [], [], [], []
@@ -403,6 +407,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=8, help="optimizer steps dropped at the start of each run")
     ap.add_argument("--profile", action="store_true", help="also the variants that locate the overhead")
     ap.add_argument("--port", type=int, default=29740, help="first master port (one per run, counting up)")
+    ap.add_argument("--baseline_tree", type=Path, default=None,
+                    help="another checkout (e.g. the main branch's): its launcher/train.py runs as `ours_baseline`, "
+                         "side by side with this tree's")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if args.worker == "ds":
@@ -419,6 +426,9 @@ def main() -> int:
         "ds_loop": lambda port, tmp: run_worker("ds", args.steps, port, tmp, False, "memory"),
         "ddp": lambda port, tmp: run_worker("ddp", args.steps, port, tmp, False, "memory"),
     }
+    if args.baseline_tree:
+        contenders["ours_baseline"] = lambda port, tmp: run_ours(args.steps, port, tmp, [], args.log_interval,
+                                                                 cwd=BASELINE_CWD)
     if args.profile:
         contenders.update({
             "ours_workers1": lambda port, tmp: run_ours(args.steps, port, tmp, ["data.num_workers=1"], args.log_interval),
@@ -430,11 +440,14 @@ def main() -> int:
     names = list(contenders)
     runs: dict[str, list[dict]] = {n: [] for n in names}
     port = args.port
-    global CWD
+    global CWD, BASELINE_CWD
     with tempfile.TemporaryDirectory(prefix="bench_overhead_") as tmpdir:
         tmp = Path(tmpdir)
         CWD = tmp / "tree"
         code_hashes = snapshot(CWD)
+        if args.baseline_tree:
+            BASELINE_CWD = tmp / "baseline"
+            code_hashes["baseline"] = snapshot(BASELINE_CWD, args.baseline_tree)
         for r in range(args.rounds):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
@@ -478,7 +491,8 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace, code_hashes
                 "p10_median_of_round_ratios": statistics.median(per_round_p10), "p10_per_round": per_round_p10,
                 "cpu_median_of_round_ratios": statistics.median(per_round_cpu), "cpu_per_round": per_round_cpu}
 
-    wanted = [("ours", "ds_loop"), ("ours", "ddp"), ("ds_loop", "ddp"), ("ds_loop_flags", "ds_loop"),
+    wanted = [("ours", "ds_loop"), ("ours", "ddp"), ("ours", "ours_baseline"), ("ours_baseline", "ds_loop"),
+              ("ds_loop", "ddp"), ("ds_loop_flags", "ds_loop"),
               ("ds_loop_loader", "ds_loop"), ("ours", "ds_loop_loader"), ("ours", "ours_workers1"),
               ("ours", "ours_no_thread"), ("ours_log_every_step", "ds_loop"), ("ours", "ours_log_every_step")]
     ratios = {f"{a}_vs_{b}": ratio(a, b) for a, b in wanted if runs.get(a) and runs.get(b)}
@@ -513,7 +527,8 @@ def summarize(runs: dict[str, list[dict]], args: argparse.Namespace, code_hashes
             print(f"{k}: its own samples_per_s median {v['median_reported_samples_per_s']:.2f}, data-wait share "
                   f"median {100 * v['median_data_wait_share']:.1f} %, epoch-crossing step "
                   f"{v['epoch_crossing_step_s_median']} s")
-    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "complete": complete, "rounds": args.rounds,
+    return {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_avg_start_now": [LOAD_START, os.getloadavg()],
+            "complete": complete, "rounds": args.rounds,
             "steps": args.steps, "warmup": args.warmup, "log_interval": args.log_interval,
             "code_sha256": code_hashes,
             "median_samples_per_s": med, "p10_samples_per_s": med_p10, "median_cpu_s_per_sample": med_cpu,

@@ -1,12 +1,19 @@
 """Checking a corpus up front from file headers: every bad line in one report, or skipped and counted.
 
 Nothing is decoded: each audio file is stat'ed and its header opened (soundfile), in a thread pool because on
-network file systems this is latency-bound. Headers are cached in SQLite keyed by (path, size, mtime), so a
-second validation of the same corpus only stats the files.
+network file systems this is latency-bound. Headers are cached in SQLite, so a second validation of the same
+corpus only stats the files. An entry counts only for the very file it was read from: same path, size,
+mtime, inode and ctime. The inode and ctime tell a copy apart from the original (a cache copied to another
+machine, or a corpus copied with its mtimes kept) and catch a file rewritten with its mtime restored, since
+no one can set a ctime; a cache of an older layout is rebuilt. The cache never fails validation: a folder
+that cannot hold it (a read-only corpus) makes it move to the fallback folders given, and any SQLite
+error drops it for the rest of the run, with a note in the report.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import sqlite3
 import stat
@@ -97,58 +104,114 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+# PRAGMA user_version of a cache whose `file_headers` table has this layout; another version is rebuilt. Caches
+# of the former layout (a `headers` table keyed on path, size and mtime) are ignored, and left for older code.
+_CACHE_LAYOUT = 2
+_Identity = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
+
+
 class _HeaderCache:
-    """SQLite table of (path, size, mtime_ns) -> (samplerate, frames, channels) for readable files."""
+    """SQLite table of a file's identity (path, size, mtime, ctime, inode) -> (samplerate, frames, channels)."""
 
     _BATCH = 500
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.failure: str | None = None
         self.conn = sqlite3.connect(str(path), timeout=120)
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS headers (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
-            " samplerate INTEGER NOT NULL, frames INTEGER NOT NULL, channels INTEGER NOT NULL) WITHOUT ROWID"
-        )
-        self.conn.commit()
+        try:
+            layout = self.conn.execute("PRAGMA user_version").fetchone()[0]  # a corrupt file raises here
+            table = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'file_headers'")
+            if layout != _CACHE_LAYOUT or table.fetchone() is None:
+                self.conn.executescript(
+                    "DROP TABLE IF EXISTS file_headers;"
+                    "CREATE TABLE file_headers (path TEXT PRIMARY KEY, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+                    " ctime_ns INTEGER NOT NULL, inode INTEGER NOT NULL, samplerate INTEGER NOT NULL,"
+                    " frames INTEGER NOT NULL, channels INTEGER NOT NULL) WITHOUT ROWID;"
+                    f"PRAGMA user_version = {_CACHE_LAYOUT};"
+                )
+            # Writable now, or refused now (a read-only folder or file) rather than half-way through validation.
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.rollback()
+        except sqlite3.Error:
+            self.conn.close()
+            raise
 
-    def lookup(self, stats: dict[str, tuple[int, int]]) -> dict[str, Header]:
+    def lookup(self, stats: dict[str, _Identity]) -> dict[str, Header]:
         found: dict[str, Header] = {}
         paths = list(stats)
-        for k in range(0, len(paths), self._BATCH):
-            batch = paths[k : k + self._BATCH]
-            rows = self.conn.execute(
-                f"SELECT path, size, mtime_ns, samplerate, frames, channels FROM headers WHERE path IN ({','.join('?' * len(batch))})",
-                batch,
-            )
-            for path, size, mtime_ns, rate, frames, channels in rows:
-                if stats[path] == (size, mtime_ns):
-                    found[path] = Header(rate, frames, channels)
+        try:
+            for k in range(0, len(paths), self._BATCH):
+                batch = paths[k : k + self._BATCH]
+                rows = self.conn.execute(
+                    "SELECT path, size, mtime_ns, ctime_ns, inode, samplerate, frames, channels FROM file_headers "
+                    f"WHERE path IN ({','.join('?' * len(batch))})",
+                    batch,
+                )
+                for path, size, mtime_ns, ctime_ns, inode, rate, frames, channels in rows:
+                    if stats[path] == (size, mtime_ns, ctime_ns, inode):
+                        found[path] = Header(rate, frames, channels)
+        except sqlite3.Error as exc:
+            self.failure = f"header cache {self.path} failed ({exc}); validating the rest without it"
+            return {}
         return found
 
-    def store(self, rows: list[tuple[str, int, int, int, int, int]]) -> None:
-        if rows:
-            self.conn.executemany("INSERT OR REPLACE INTO headers VALUES (?, ?, ?, ?, ?, ?)", rows)
+    def store(self, rows: list[tuple[str, int, int, int, int, int, int, int]]) -> None:
+        if not rows:
+            return
+        try:
+            self.conn.executemany("INSERT OR REPLACE INTO file_headers VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.conn.commit()
+        except sqlite3.Error as exc:
+            self.failure = f"header cache {self.path} failed ({exc}); validating the rest without it"
 
     def close(self) -> None:
         self.conn.close()
 
 
-def _open_cache(index: PairIndex, cache_dir: str | os.PathLike[str] | None, notes: list[str]) -> _HeaderCache | None:
+def _cache_candidates(index: PairIndex, cache_dir, fallback_cache_dirs) -> list[Path]:
+    first = index.lists[0]
     if cache_dir is not None:
-        path = Path(cache_dir) / "audio_headers.sqlite"
+        wanted = [Path(cache_dir) / "audio_headers.sqlite"]
     else:
-        first = index.lists[0]
-        path = Path(first.folder) / f"{Path(first.path).name}.headers.sqlite"
+        wanted = [Path(first.folder) / f"{Path(first.path).name}.headers.sqlite"]
+    # In a shared fallback folder the name must tell lists of the same name apart.
+    key = hashlib.sha1(first.path.encode()).hexdigest()[:12]
+    wanted += [Path(d) / f"{Path(first.path).name}.{key}.headers.sqlite" for d in fallback_cache_dirs or ()]
+    return wanted
+
+
+def _open_cache(index: PairIndex, cache_dir, fallback_cache_dirs, notes: list[str]) -> _HeaderCache | None:
+    failed = []
+    for path in _cache_candidates(index, cache_dir, fallback_cache_dirs):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # A cache that can be read but not written would leave every new header unsaved: move on instead.
+            if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise OSError(errno.EROFS, "read-only")
+            cache = _open_or_rebuild(path)
+        except (OSError, sqlite3.Error) as exc:
+            failed.append(f"{path} ({exc.strerror if isinstance(exc, OSError) and exc.strerror else exc})")
+            continue
+        if failed:
+            notes.append(f"header cache unusable at {'; '.join(failed)}: using {path}")
+        return cache
+    tail = "" if fallback_cache_dirs else " (pass a writable cache_dir or fallback folder)"
+    notes.append(f"header cache unusable at {'; '.join(failed)}; validating without it{tail}")
+    return None
+
+
+def _open_or_rebuild(path: Path) -> _HeaderCache:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         return _HeaderCache(path)
-    except (OSError, sqlite3.Error) as exc:
-        notes.append(f"header cache {path} unusable ({exc}); validating without it (pass cache_dir to choose a writable folder)")
-        return None
+    except sqlite3.DatabaseError as exc:
+        if "not a database" not in str(exc).lower():
+            raise
+        path.unlink()  # cut short or overwritten: start it afresh
+        return _HeaderCache(path)
 
 
-def _stat(path: str) -> tuple[int, int] | Header:
+def _stat(path: str) -> _Identity | Header:
     try:
         st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -159,7 +222,7 @@ def _stat(path: str) -> tuple[int, int] | Header:
         return Header(0, 0, 0, "unreadable: not a regular file", "unreadable")
     if st.st_size == 0:
         return Header(0, 0, 0, "empty: file has 0 bytes", "empty")
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 def _read_header(path: str) -> Header:
@@ -235,6 +298,7 @@ def validate(
     cache_dir: str | os.PathLike[str] | None = None,
     num_threads: int | None = None,
     *,
+    fallback_cache_dirs: Sequence[str | os.PathLike[str]] = (),
     use_cache: bool = True,
     chunk_pairs: int = 20_000,
 ) -> tuple[PairIndex, ValidationReport]:
@@ -251,7 +315,9 @@ def validate(
 
     Durations missing from the lists are filled in from the noisy file's header. Headers are cached under
     ``cache_dir`` (``audio_headers.sqlite``) or, by default, next to the first list (``<list>.headers.sqlite``);
-    a folder that cannot be written is noted in the report and validation runs uncached. ``num_threads``
+    where that cannot be written (a read-only corpus), in the first of ``fallback_cache_dirs`` that can
+    (``<list>.<hash of its path>.headers.sqlite``); where none can, validation runs uncached. Either way the
+    report's notes say so. ``num_threads``
     defaults to ``min(32, 4 x CPUs)``.
     """
     start = time.perf_counter()
@@ -267,7 +333,7 @@ def validate(
     bad = np.zeros(n, dtype=bool)
     durations = index.durations.copy()
     workers = num_threads or min(32, 4 * (os.cpu_count() or 1))
-    cache = _open_cache(index, cache_dir, report.notes) if use_cache else None
+    cache = _open_cache(index, cache_dir, fallback_cache_dirs, report.notes) if use_cache else None
     if cache is not None:
         report.cache_path = str(cache.path)
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
@@ -277,6 +343,10 @@ def validate(
             pairs = [index.pair(i) for i in range(s, e)]
             paths = list(dict.fromkeys(p for pair in pairs for p in pair))
             headers = _headers(paths, pool, workers, cache, report)
+            if cache is not None and cache.failure:
+                report.notes.append(cache.failure)
+                cache.close()
+                cache = None
             for k, (noisy, clean) in enumerate(pairs):
                 i = s + k
                 hn = headers[noisy]

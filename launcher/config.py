@@ -114,7 +114,7 @@ RANGES: dict[str, dict[str, Range | str]] = {
         "log_interval_steps": _at_least(1), "save_interval_steps": _at_least(1), "keep_last": _at_least(1),
         "valid_interval_steps": _at_least(1), "max_consecutive_nonfinite": _at_least(1),
         "init_from": _NON_EMPTY, "eval_interval_epochs": _at_least(0), "eval_max_pairs": _at_least(1),
-        "eval_metric_workers": _at_least(0),
+        "eval_metric_workers": _at_least(0), "step_timeout_s": _POSITIVE, "slow_phase_timeout_s": _POSITIVE,
     },
     "cuda": {},  # true/false switches only
 }
@@ -238,7 +238,7 @@ class TrainSection:
     keep_last: int = 3
     # Validate every N optimizer steps besides the end of each epoch (None: epochs only).
     valid_interval_steps: int | None = None
-    # Abort after this many consecutive optimizer steps with a non-finite loss.
+    # Abort after this many consecutive optimizer steps skipped for a non-finite loss or gradients.
     max_consecutive_nonfinite: int = 5
     progress_bar: bool = True
     # Start from these weights (launcher/init_weights.py): a ClearerVoice checkpoint, a launcher.export file or a
@@ -252,9 +252,17 @@ class TrainSection:
     eval_max_pairs: int = 64
     # Processes per rank that compute the metrics while the model enhances the next batch (0: in the rank).
     eval_metric_workers: int = 1
+    # A rank without progress for this long ends the job, naming the rank that stopped (launcher/watchdog.py):
+    # between micro-batches once warm, and in phases that may legitimately take long (the first step after a
+    # start, validation, checkpoint saves, the epoch end). Both stay below the 1800 s collective timeout.
+    step_timeout_s: float = 300.0
+    slow_phase_timeout_s: float = 1500.0
 
     def __post_init__(self) -> None:
         _check_ranges(self, "train")
+        if self.slow_phase_timeout_s < self.step_timeout_s:
+            raise ConfigError(f"train.slow_phase_timeout_s ({self.slow_phase_timeout_s:g}) must be >= "
+                              f"train.step_timeout_s ({self.step_timeout_s:g})", ("train", "slow_phase_timeout_s"))
 
 
 @dataclass(frozen=True)

@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                   "before launching (slurm/train_48k.sbatch does)", file=sys.stderr)
             return 2
         os.environ.update(env.export())
-    from launcher.checkpoint import CheckpointError
+    from launcher.checkpoint import AllRanksStop, CheckpointError
     from launcher.init_weights import prepare_init
 
     try:
@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return Trainer(cfg, plan, ds_config, env, args.resume, init).run()
+    except AllRanksStop as e:
+        _refuse(env, e)  # a shared verdict (a refused --resume, a full disk): rank 0 says why, once
+        return e.exit_code
     except (PreflightError, TrainingAborted, ConfigError, DataError, CheckpointError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         return 1
@@ -235,6 +238,11 @@ class Trainer:
         if not d.train_list:
             raise ConfigError("data.train_list is not set: give a list file of `noisy clean [seconds]` lines")
 
+        # Where the header cache goes when the corpus folder is read-only: the user's cache (kept across runs),
+        # else the run directory (every rank can write it).
+        fallback = [Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "mossformer2-launcher",
+                    self.run_dir / "cache"]
+
         def checked(list_path: str):
             # Rank 0 reads every header once (and caches them); the others then hit the cache. A bad
             # corpus stops every rank here, before training, with rank 0 printing the whole report.
@@ -243,7 +251,9 @@ class Trainer:
             if self.env.rank == 0:
                 try:
                     index, report = validate([list_path], sample_rate_hz=d.sample_rate_hz, resample=d.resample,
-                                             skip_bad=d.skip_bad, cache_dir=d.cache_dir)
+                                             skip_bad=d.skip_bad, cache_dir=d.cache_dir, fallback_cache_dirs=fallback)
+                    for note in report.notes:  # e.g. a read-only corpus folder: the header cache moved
+                        self.metrics.print(f"[data] {note}")
                     if report.num_bad:
                         self.metrics.print(f"[data] {list_path}: skipped {report.num_bad} bad line(s) (skip_bad)")
                 except DataError as e:
@@ -254,7 +264,7 @@ class Trainer:
                 raise TrainingAborted(f"{list_path}: bad data (rank 0 printed the report)")
             if self.env.rank != 0:
                 index, _ = validate([list_path], sample_rate_hz=d.sample_rate_hz, resample=d.resample,
-                                    skip_bad=d.skip_bad, cache_dir=d.cache_dir)
+                                    skip_bad=d.skip_bad, cache_dir=d.cache_dir, fallback_cache_dirs=fallback)
             return index
 
         def loader(dataset, sampler):
@@ -326,39 +336,29 @@ class Trainer:
 
     # ---- resume ------------------------------------------------------------------------------
     def _resume_target(self):
-        from launcher.checkpoint import read_marker, resolve_resume
+        """The verified checkpoint to continue from (None: a fresh start); see launcher/checkpoint.py."""
+        from launcher.checkpoint import ResumeTargets, human_bytes, remove_incomplete
 
-        target = resolve_resume(self.resume, self.ckpt_dir)
-        if target is None:
-            return None
-        ckpt_dir, tag = target
-        marker = read_marker(ckpt_dir, tag)
-        if marker["global_batch"] != self.plan.global_batch:
-            # The plan held the global batch of the checkpoint found before the process group started (resolve);
-            # this one differs, so the checkpoints changed in between.
-            raise TrainingAborted(
-                f"resume: {ckpt_dir / tag} has a global batch of {marker['global_batch']} but the plan holds "
-                f"{self.plan.global_batch}, from the checkpoint found when planning; the checkpoints changed since: "
-                "start the run again"
-            )
-        return ckpt_dir, tag, marker
+        if self.env.rank == 0:
+            for name, size in remove_incomplete(self.ckpt_dir):
+                self.metrics.print(f"[checkpoint] removed {self.ckpt_dir / name}: an interrupted save "
+                                   f"({human_bytes(size)})")
+        self.targets = ResumeTargets(self.resume, self.ckpt_dir, self.plan.global_batch, self._report_skipped)
+        return self.targets.next()
+
+    def _report_skipped(self, ckpt_dir: Path, tag: str, reason: str) -> None:
+        self.metrics.print(f"WARNING [resume] skipping checkpoint {ckpt_dir / tag}: {reason}; trying the next newest")
+        self.metrics.log({"kind": "resume_skipped", "checkpoint": str(ckpt_dir / tag), "tag": tag, "reason": reason})
 
     def _load(self, target) -> None:
-        import torch.distributed as dist
-
-        from launcher.checkpoint import ensure_universal, restore_rng
+        from launcher.checkpoint import restore_rng
 
         ckpt_dir, tag, marker = target
-        load_dir = ckpt_dir
-        if self.load_universal:
-            if self.env.rank == 0:
-                ensure_universal(ckpt_dir, tag, marker["zero_stage"])
-            dist.barrier()
-            load_dir = ckpt_dir / f"{tag}_universal"
-        path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
-        if path is None:
-            raise TrainingAborted(f"resume: DeepSpeed could not load {load_dir / tag}")
+        while (error := self._load_tag(ckpt_dir, tag, marker)) is not None:
+            # Verified files that still do not load (a format this DeepSpeed cannot read): the next one that suits
+            # the engine as built (a universal checkpoint needs one configured for it), or ResumeRefused.
+            self.targets.reject(ckpt_dir, tag, f"DeepSpeed cannot load it ({error})")
+            ckpt_dir, tag, marker = self.targets.next(usable=self._same_engine)
         state = marker["state"]
         self.sampler.load_state_dict(state["sampler"])
         self.schedule.load_state_dict(state["schedule"])
@@ -374,15 +374,49 @@ class Trainer:
             + ("" if rng_restored else "; fresh RNG streams")
         )
 
-    # ---- the loop ----------------------------------------------------------------------------
-    def run(self) -> int:
-        import torch
+    def _load_tag(self, ckpt_dir: Path, tag: str, marker: dict) -> str | None:
+        """Load one tag on every rank; None, or why it failed on some rank (all ranks then agree)."""
         import torch.distributed as dist
 
+        from launcher.checkpoint import CheckpointError, ensure_universal
+
+        error, load_dir = None, ckpt_dir
+        if self.load_universal:
+            if self.env.rank == 0:
+                try:
+                    ensure_universal(ckpt_dir, tag, marker["zero_stage"])
+                except CheckpointError as e:
+                    error = str(e)
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            if box[0]:
+                return box[0]
+            load_dir = ckpt_dir / f"{tag}_universal"
+        try:
+            path, _ = self.engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=False)
+            error = None if path is not None else f"nothing found in {load_dir / tag}"
+        except Exception as e:  # whatever DeepSpeed or torch raise for a file they cannot read
+            error = f"{type(e).__name__}: {str(e).strip()[:300]}"
+        errors = [None] * self.env.world_size
+        dist.all_gather_object(errors, error)
+        return next((e for e in errors if e), None)
+
+    def _same_engine(self, marker: dict) -> str | None:
+        universal = marker["world_size"] != self.env.world_size and marker["zero_stage"] > 0
+        return None if universal == self.load_universal else "it needs an engine built for another world size"
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> int:
+        import torch.distributed as dist
+
+        from launcher.checkpoint import MARKER, tag_for
+        from launcher.faults import StepWindow, install_test_faults, optimizer_step
         from launcher.metrics import Metrics, NullMetrics
-        from launcher.preempt import PREEMPTED_EXIT, Preemption
+        from launcher.preempt import Preemption
         from launcher.schedule import LRSchedule
         from launcher.train_eval import maybe_evaluate
+        from launcher.watchdog import Watchdog
         from model import compute_features, mask_loss
 
         preempt = self.preempt = Preemption()  # first: a notice during set-up still yields a checkpoint
@@ -404,13 +438,15 @@ class Trainer:
             warmup_from_lr=plan.warmup_from_lr,
             min_lr_ratio=scfg.min_lr_ratio, halve_after=scfg.halve_after, stop_after=scfg.stop_after, factor=scfg.factor,
         )
-        self.counters = {"skipped_steps": 0, "consecutive_bad": 0, "samples_seen": 0}
+        self.counters = {"skipped_steps": 0, "nonfinite_steps": 0, "consecutive_bad": 0, "samples_seen": 0}
         self.best_tag = None
         if target is not None:
             self._load(target)
+        install_test_faults(self.engine, self.env.rank)
         engine = self.engine
         world, micro = self.env.world_size, plan.micro_batch
-        segment_s = self.cfg.data.segment_seconds
+        watchdog = self.watchdog = Watchdog(self.env.rank, world, self.env.master_addr, self.env.master_port,
+                                            tcfg.step_timeout_s, tcfg.slow_phase_timeout_s, self.metrics.log).start()
 
         exit_code, stop, upcoming = 0, False, None
         while self.sampler.epoch < tcfg.max_epoch and not stop:
@@ -418,7 +454,7 @@ class Trainer:
             total_micro = self.sampler.batches_per_epoch
             self.metrics.start_epoch(epoch, total_micro, self.sampler.cursor // (micro * world))
             interval = self._new_interval()
-            window = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss sum, finite n, bad n, stop
+            window = StepWindow(engine, self.device)
             t_ready = time.perf_counter()
             engine.train()
             batches, upcoming = upcoming if upcoming is not None else iter(self.train_loader), None
@@ -429,85 +465,30 @@ class Trainer:
                 feats = compute_features(noisy, dither=1.0).to(self.input_dtype)
                 mask = engine(feats)
                 loss = mask_loss(mask, noisy, clean)
-                replace = not torch.isfinite(loss)
-                if self.zero_stage == 3:
-                    # A ZeRO-3 forward gathers parameters collectively, so the extra forward below must run on
-                    # every rank or on none: agree on it now (the only per-micro-batch collective we add).
-                    vote = torch.tensor([float(replace)], device=self.device)
-                    dist.all_reduce(vote)
-                    replace = vote.item() > 0
-                if replace:
-                    # Backpropagating through a NaN graph would poison the gradients (and with them every
-                    # rank's after the reduction): contribute an exactly-zero gradient instead; the step's
-                    # all-reduce below then makes every rank skip the whole window alike.
-                    loss = engine(torch.zeros_like(feats)).float().sum() * 0.0
-                    window[2] += 1
-                else:
-                    window[0] += loss.detach().double()
-                    window[1] += 1
-                engine.backward(loss)
+                window.add(loss)  # kept on the device: no host sync per micro-batch
+                engine.backward(loss)  # always; a non-finite loss costs its optimizer step (launcher/faults.py)
                 self.sampler.advance(1)
                 interval["micro"] += 1
+                watchdog.beat("train", engine.global_steps + 1)
                 self.metrics.micro(None, 0.0, 0.0)
                 if not engine.is_gradient_accumulation_boundary():
                     engine.step()  # counts the micro-batch; DeepSpeed steps the optimizer only at the boundary
                     t_ready = time.perf_counter()
                     continue
-                # One small all-reduce per optimizer step (the only sync point a plain DeepSpeed loop has
-                # besides the gradients): the window's loss for logging, whether any rank saw a non-finite
-                # loss (then every rank skips the step alike), and whether any rank was asked to stop.
-                window[3] = float(preempt.requested)
-                dist.all_reduce(window)
-                loss_sum, loss_n, bad, stop_votes = window.tolist()
-                window.zero_()
-                # A window with a non-finite micro-batch is skipped whole: LR 0 leaves the weights as they were
-                # (Adam's moments and step count still take in the window's other, finite gradients).
-                lr = 0.0 if bad else self.schedule.lr(engine.global_steps)
+                # One small all-reduce per optimizer step (the only sync point a plain DeepSpeed loop has besides
+                # the gradients): the window's losses, their non-finite count and the stop votes.
+                totals = window.reduce(stop_requested=preempt.requested)
+                lr = self.schedule.lr(engine.global_steps)
                 for group in engine.optimizer.param_groups:
                     group["lr"] = lr
-                interval["loss_sum"] += loss_sum
-                interval["loss_n"] += loss_n
-                logging_step = self._is_log_step(engine.global_steps + 1)
-                if logging_step and self.zero_stage == 0 and engine.get_global_grad_norm() is None:
-                    # DeepSpeed reports the clipped norm only from its ZeRO/mixed-precision optimizers; for a
-                    # plain fp32 optimizer take it from the already all-reduced gradients, on logging steps only.
-                    self._fp32_grad_norm = self._grad_norm()
-                engine.step()
-                # ---- an optimizer step just finished ----
-                step = engine.global_steps
-                self.counters["samples_seen"] += plan.global_batch
-                if bad:
-                    self.counters["skipped_steps"] += 1
-                    self.counters["consecutive_bad"] += 1
-                    self.metrics.print(f"[nonfinite] step {step}: non-finite loss on some rank; step skipped "
-                                       f"({self.counters['consecutive_bad']} in a row)")
-                    if self.counters["consecutive_bad"] >= tcfg.max_consecutive_nonfinite:
-                        raise TrainingAborted(
-                            f"{self.counters['consecutive_bad']} consecutive optimizer steps had a non-finite loss "
-                            f"(step {step}, epoch {epoch + 1}); lower the LR (now {plan.peak_lr:g} peak), check the data "
-                            "for silent/corrupt files, or use fp32"
-                        )
-                else:
-                    self.counters["consecutive_bad"] = 0
-                if logging_step:
-                    self._log_train(epoch, step, lr, interval, micro, world, segment_s)
-                    interval = self._new_interval()
-                if tcfg.valid_interval_steps and step % tcfg.valid_interval_steps == 0:
-                    self._validate(epoch, step)
-                    engine.train()
-                done = tcfg.max_steps is not None and step >= tcfg.max_steps
-                if stop_votes or done or (tcfg.save_interval_steps and step % tcfg.save_interval_steps == 0):
-                    self._save()
-                if stop_votes:
-                    self.metrics.print(f"[preempt] checkpoint saved at step {step}; exiting for requeue")
-                    exit_code, stop = PREEMPTED_EXIT, True
-                    break
-                if done:
-                    stop = True
+                skipped = optimizer_step(engine, totals)  # skipped alike on every rank: weights and Adam untouched
+                exit_code, stop = self._end_step(epoch, totals, skipped, lr, interval)
+                if stop:
                     break
                 t_ready = time.perf_counter()
             else:
                 # The epoch ran to its end: validate, apply the plateau rule, checkpoint the next epoch's start.
+                watchdog.slow("epoch end", engine.global_steps)
                 self.sampler.set_epoch(epoch + 1)
                 if epoch + 1 < tcfg.max_epoch:
                     upcoming = iter(self.train_loader)  # its first batches load while we validate and save
@@ -527,14 +508,16 @@ class Trainer:
             for unused in (batches, upcoming if stop else None):
                 if hasattr(unused, "close"):
                     unused.close()
-        if exit_code == 0 and not (self.ckpt_dir / f"step{engine.global_steps:08d}").exists():
+        if exit_code == 0 and not (self.ckpt_dir / tag_for(engine.global_steps) / MARKER).is_file():
             self._save()
         fingerprints = self._fingerprints()  # a collective: every rank takes part
         self.metrics.log({"kind": "end", "step": engine.global_steps, "micro_steps": engine.micro_steps,
                           "samples_seen": self.counters["samples_seen"], "skipped_steps": self.counters["skipped_steps"],
-                          "exit_code": exit_code, "param_fingerprints": fingerprints})
+                          "nonfinite_steps": self.counters["nonfinite_steps"], "exit_code": exit_code,
+                          "param_fingerprints": fingerprints})
         self.metrics.close()
         dist.barrier()
+        watchdog.stop()
         # Explicitly, as PyTorch asks (NCCL especially); the process then exits without finalization (see the
         # end of this file), where leftover gloo threads could abort it.
         dist.destroy_process_group()
@@ -544,14 +527,39 @@ class Trainer:
         gc.collect()
         return exit_code
 
+    def _end_step(self, epoch: int, totals, skipped: str | None, lr: float, interval: dict) -> tuple[int, bool]:
+        """After an optimizer step: count and log it, validate and checkpoint when due. (exit code, stop?)"""
+        from launcher.faults import account_step
+        from launcher.preempt import PREEMPTED_EXIT
+
+        tcfg, step = self.cfg.train, self.engine.global_steps
+        self.counters["samples_seen"] += self.plan.global_batch
+        abort = account_step(self.counters, epoch, step, totals, skipped, tcfg.max_consecutive_nonfinite, self.metrics)
+        if abort:
+            raise TrainingAborted(f"{abort}; lower the LR (now {self.plan.peak_lr:g} peak), check the data for "
+                                  "silent or corrupt files, or use fp32")
+        interval["loss_sum"] += totals.loss_sum
+        interval["loss_n"] += totals.finite
+        self._fp32_grad_norm = totals.grad_norm  # DeepSpeed reports none for a plain fp32 optimizer
+        if self._is_log_step(step):
+            self._log_train(epoch, step, 0.0 if skipped else lr, interval, self.plan.micro_batch, self.env.world_size,
+                            self.cfg.data.segment_seconds)
+            interval.update(self._new_interval())
+        self.watchdog.fast()
+        if tcfg.valid_interval_steps and step % tcfg.valid_interval_steps == 0:
+            self.watchdog.slow("validate", step)
+            self._validate(epoch, step)
+            self.engine.train()
+        done = tcfg.max_steps is not None and step >= tcfg.max_steps
+        if totals.stop_votes or done or (tcfg.save_interval_steps and step % tcfg.save_interval_steps == 0):
+            self._save()
+        if totals.stop_votes:
+            self.metrics.print(f"[preempt] checkpoint saved at step {step}; exiting for requeue")
+            return PREEMPTED_EXIT, True
+        return 0, done
+
     def _is_log_step(self, step: int) -> bool:
         return step == 1 or step % self.cfg.train.log_interval_steps == 0
-
-    def _grad_norm(self) -> float | None:
-        import torch
-
-        norms = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(norms)).item() if norms else None
 
     def _fingerprints(self) -> list[list[float]]:
         """(sum, sum of squares) of every rank's full parameters: equal lists mean the ranks agree."""
@@ -641,7 +649,10 @@ class Trainer:
                   "zero_stage": self.zero_stage, "global_batch": self.plan.global_batch,
                   "preset": self.cfg.model.preset, "plan": self.plan.to_dict(), "state": state, "time": _time.time()}
         protect = {self.best_tag} if self.best_tag else set()
-        save(self.engine, self.ckpt_dir, {}, marker, self.cfg.train.keep_last, protect)
+        self.watchdog.slow("save", self.engine.global_steps)
+        # Tags that failed verification at resume count for nothing when keep_last prunes (they go), unless saved anew.
+        self.targets.rejected.discard(tag)
+        save(self.engine, self.ckpt_dir, {}, marker, self.cfg.train.keep_last, protect, self.targets.rejected)
         return tag
 
     def _reload_best(self) -> None:

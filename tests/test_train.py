@@ -246,11 +246,31 @@ def test_nonfinite_steps_are_skipped_then_abort(demo_corpus, tmp_path):
     proc = run_deepspeed(*demo_args({"train_list": str(bad / "train.lst"), "valid_list": "none"}, run_dir,
                                     "train.max_steps=20", "train.max_consecutive_nonfinite=3", "train.max_epoch=50"))
     assert proc.returncode != 0
-    assert "3 consecutive optimizer steps had a non-finite loss" in proc.stdout + proc.stderr
+    assert "3 consecutive optimizer steps were skipped for a non-finite loss" in proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_rank(demo_corpus, tmp_path, stage):
+def adam_step_counts(tag_dir: Path) -> set[int]:
+    """The step count of every Adam state in a DeepSpeed tag, whatever its ZeRO stage and precision."""
+    found = set()
+
+    def walk(obj) -> None:
+        if isinstance(obj, dict):
+            if "exp_avg" in obj and "step" in obj:
+                found.add(int(obj["step"]))
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+
+    for f in tag_dir.glob("*.pt"):
+        walk(torch.load(f, map_location="cpu", weights_only=False))
+    return found
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_rank(demo_corpus, tmp_path, stage,
+                                                                                   precision):
     import numpy as np
     import soundfile as sf
 
@@ -284,7 +304,8 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_ran
                 one_rank_only += sum(hit) == 1
     assert expected and one_rank_only, "the corpus must put a NaN pair on one rank only within the first steps"
 
-    ds = "ds_configs/bs4.json"
+    ds = "ds_configs/bs4.json" + (f"+ds_configs/zero{stage}.json" if stage != 3 else "")
+    ds += "+ds_configs/bf16.json" if precision == "bf16" else ""
     if stage == 3:
         # Every parameter partitioned (the tiny model's are all below the default persistence threshold) and
         # released after each use (else the whole tiny model stays gathered from forward to backward), so that
@@ -301,10 +322,14 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_ran
     skipped = {r["step"] for r in train if r["lr"] == 0.0}
     assert skipped == expected
     assert all(r["loss"] == r["loss"] for r in train), "a skipped micro-batch leaked into the logged loss"
+    nonfinite = records(run_dir, "nonfinite")
+    assert {r["step"] for r in nonfinite} == expected and {r["reason"] for r in nonfinite} == {"non-finite loss"}
     end = records(run_dir, "end")[-1]
-    assert end["skipped_steps"] == len(expected) and end["step"] == steps
+    assert end["skipped_steps"] == end["nonfinite_steps"] == len(expected) and end["step"] == steps
     a, b = end["param_fingerprints"]
     assert a == b and all(x == x for x in a), f"ranks disagree or hold NaN: {a} vs {b}"
+    # The NaN micro-batches were backpropagated, yet no skipped step reached Adam: it counted only the others.
+    assert adam_step_counts(run_dir / "checkpoints" / f"step{steps:08d}") == {steps - len(expected)}
 
 
 def test_a_run_leaves_no_shared_memory_behind(demo_corpus, tmp_path):
