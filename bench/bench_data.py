@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import machine  # noqa: E402
 
-from data import CropDataset, CursorSampler, PairIndex, build_loader, validate  # noqa: E402
+from data import CropDataset, CursorSampler, PairIndex, build_loader  # noqa: E402
+from data.validation import validate  # noqa: E402
 from data.audio import read_window  # noqa: E402
 
 RATE = 48000

@@ -41,7 +41,8 @@ def main() -> int:
 
     import torch
 
-    from data import PairIndex, make_demo_corpus, validate
+    from data import PairIndex, make_demo_corpus
+    from data.validation import validate
     from launcher.evaluate import (GROUPS, SAMPLE_RATE_HZ, Item, enhance_and_score, enhance_files, plan_batches,
                                    read_audio)
     from model import build_model

@@ -452,7 +452,8 @@ def _validated(lists: list[str], args, rank: int, world_size: int):
     """The parsed lists and their validation (rank 0 first: the others then read its header cache)."""
     import torch.distributed as dist
 
-    from data import DataError, PairIndex, validate
+    from data import DataError, PairIndex
+    from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
 
     def run():
         index = PairIndex.from_lists(lists, strict=False)

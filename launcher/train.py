@@ -232,7 +232,8 @@ class Trainer:
         import torch
         import torch.distributed as dist
 
-        from data import CropDataset, CursorSampler, DataError, EvalSampler, build_loader, validate
+        from data import CropDataset, CursorSampler, DataError, EvalSampler, build_loader
+        from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
 
         d = self.cfg.data
         if not d.train_list:

@@ -28,7 +28,7 @@ class TrainingEvaluation:
     def __init__(self, trainer) -> None:
         import numpy as np
 
-        from data import validate
+        from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
         from model import build_model
 
         self.trainer = trainer
