@@ -175,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init = prepare_init(cfg, args.resume)  # every rank, before the process group: a bad file stops all here
     except ConfigError as e:
-        if env.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _refuse(env, e)
     try:
         return Trainer(cfg, plan, ds_config, env, args.resume, init).run()
     except AllRanksStop as e:
