@@ -298,6 +298,20 @@ def test_two_nodes_one_cpu_rank_each(cluster, demo_corpus, tmp_path):
     assert {k: plan[k] for k in keys} == {k: expected[k] for k in keys}
 
 
+def _card_without_row(card: str, label: str) -> list[str]:
+    """The lines of a rich plan card without one labelled row (and the lines it wraps onto)."""
+    kept, current = [], None
+    for line in card.splitlines():
+        body = line[2:] if line.startswith("│ ") else ""
+        if body[:1].strip():
+            current = body.split("  ", 1)[0].strip()
+        elif not body.strip():
+            current = None
+        if current != label:
+            kept.append(line)
+    return kept
+
+
 def test_production_defaults_plan_as_launcher_plan_says(cluster, tmp_path):
     """`sbatch slurm/train_48k.sbatch` as written (2 nodes × 8 GPUs, bs4, recipes/train_48k.yaml) reaches the
     plan step, and its verdict there is the planner's for that allocation. Its ranks are not wanted here."""
@@ -313,7 +327,9 @@ def test_production_defaults_plan_as_launcher_plan_says(cluster, tmp_path):
     assert "plan for 2 node(s) x 8 rank(s)" in job.out, job.show()
     if expected.returncode == 0:
         assert "plan accepted" in job.out, job.show()
-        card = [line for line in expected.stdout.splitlines() if line.strip()]
+        # The same card, but for where the world came from: the command line for launcher.plan, the
+        # allocation's WORLD_SIZE/LOCAL_WORLD_SIZE for the job's plan step.
+        card = [line for line in _card_without_row(expected.stdout, "world") if line.strip()]
         assert card and all(line in job.out for line in card), f"{expected.stdout}\n{job.show()}"
     else:
         assert "plan refused" in job.out and job.rc == expected.returncode == 2, job.show()
