@@ -17,6 +17,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -325,3 +326,19 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# How long ranks other than 0 wait before exiting on a refusal, so that rank 0's message gets out (see refuse).
+REFUSAL_GRACE_S = 5.0
+
+
+def refuse(rank: int, error: Exception | str) -> int:
+    """Every rank stops before the process group with the same verdict; rank 0 says why (exit status 2). The others
+    wait a moment first: DeepSpeed's launcher kills every rank as soon as one exits non-zero, which could cut rank 0
+    off before it has printed the reason when it reaches the same verdict a little later (slower imports on a busy
+    node)."""
+    if rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    else:
+        time.sleep(REFUSAL_GRACE_S)
+    return 2

@@ -505,7 +505,7 @@ def gather_rows(rows: list[dict], world_size: int) -> list[dict] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from launcher.dist_env import EnvError, read_dist_env
+    from launcher.dist_env import EnvError, read_dist_env, refuse
     from launcher.init_weights import InitError
 
     try:
@@ -516,9 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     rank0 = env.rank == 0
 
     def fail(message: str) -> int:
-        if rank0:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
+        return refuse(env.rank, message)
 
     import torch
 

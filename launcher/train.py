@@ -29,7 +29,7 @@ from datetime import timedelta  # noqa: E402
 
 from launcher.config import Config, ConfigError, dump_yaml, load_config, replace_section  # noqa: E402
 from launcher.device_settings import apply_device_settings  # noqa: E402
-from launcher.dist_env import DistEnv, EnvError, read_dist_env, release_shm_segment_name  # noqa: E402
+from launcher.dist_env import DistEnv, EnvError, read_dist_env, refuse, release_shm_segment_name  # noqa: E402
 from launcher.dry_run import add_plan_arguments, plan_from_args, print_plan, resume_hold  # noqa: E402
 from launcher.plan import Plan, PlanError, ResumeHold  # noqa: E402
 from launcher.preflight import PreflightError, check_head_reachable, check_run_dir, check_world  # noqa: E402
@@ -37,8 +37,6 @@ from launcher.preflight import PreflightError, check_head_reachable, check_run_d
 RENDEZVOUS_TIMEOUT_S = float(os.environ.get("MF2_RENDEZVOUS_TIMEOUT_S", "300"))
 # Collectives may legitimately wait long (rank 0 validating a large corpus while the others wait).
 COLLECTIVE_TIMEOUT_S = float(os.environ.get("MF2_COLLECTIVE_TIMEOUT_S", "1800"))
-# How long ranks other than 0 wait before exiting on a refusal, so that rank 0's message gets out (see _refuse).
-REFUSAL_GRACE_S = 5.0
 
 
 class TrainingAborted(RuntimeError):
@@ -125,15 +123,6 @@ def check_before_launch(cfg: Config, ds_config: dict, plan: Plan, ds_spec: str, 
     validate_with_deepspeed(ds_config, plan.world_size, ds_spec)
 
 
-def _refuse(env: DistEnv, error: Exception) -> int:
-    """Every rank stops before the process group with the same verdict; rank 0 says why. The others wait a moment
-    first: DeepSpeed's launcher kills every rank as soon as one exits non-zero, which could cut rank 0 off before it
-    has printed the reason when it reaches the same verdict a little later (slower imports on a busy node)."""
-    if env.rank == 0:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-    else:
-        time.sleep(REFUSAL_GRACE_S)
-    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, plan, ds_config, _ = resolve(args, env)
     except (ConfigError, PlanError, DataError, PreflightError, EnvError) as e:
-        return _refuse(env, e)
+        return refuse(env.rank, e)
     if env.rank == 0:
         print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset)
     if args.dry_run:
@@ -156,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_before_launch(cfg, ds_config, plan, args.ds_config, args.config)
     except (ConfigError, PlanError) as e:
-        return _refuse(env, e)
+        return refuse(env.rank, e)
     if env.source == "single":
         # DeepSpeed would fall back to MPI discovery and fail obscurely without a launcher.
         env = DistEnv(0, 0, 1, 1, 1, "127.0.0.1", int(os.environ.get("MASTER_PORT", "29500")), "single")
@@ -175,11 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         init = prepare_init(cfg, args.resume)  # every rank, before the process group: a bad file stops all here
     except ConfigError as e:
-        return _refuse(env, e)
+        return refuse(env.rank, e)
     try:
         return Trainer(cfg, plan, ds_config, env, args.resume, init).run()
     except AllRanksStop as e:
-        _refuse(env, e)  # a shared verdict (a refused --resume, a full disk): rank 0 says why, once
+        refuse(env.rank, e)  # a shared verdict (a refused --resume, a full disk): rank 0 says why, once
         return e.exit_code
     except (PreflightError, TrainingAborted, ConfigError, DataError, CheckpointError) as e:
         print(f"error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
