@@ -7,7 +7,7 @@ One process (a world of 1, gloo), the full model (mossformer2_se_48k, 55,262,154
 fp32, Adam (ds_configs/bs4.json), after one optimizer step so that Adam's moments exist: the checkpoint
 is the real ~663 MB `mp_rank_00_model_states.pt` plus our RNG file. Contenders, alternating, repeated:
 
-- save, DeepSpeed only: `engine.save_checkpoint` and the RNG file (what launcher/checkpoint.py wrote
+- save, DeepSpeed only: `engine.save_checkpoint` and the RNG file (what launcher/checkpoint/store.py wrote
   before the marker listed files);
 - save, ours: `launcher.checkpoint.save` (free-space check, the same two writes, CRC-32 of each file read
   back from the page cache, fsync of each file and of the folder, the marker written atomically);
@@ -57,7 +57,7 @@ def _engine():
     import deepspeed
     import torch
 
-    from launcher.ds_config import load_preset
+    from launcher.plan.ds_config import load_preset
     from model import build_model, compute_features, mask_loss
 
     cfg = load_preset("ds_configs/bs4.json")

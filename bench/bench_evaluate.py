@@ -43,8 +43,10 @@ def main() -> int:
 
     from data import PairIndex, make_demo_corpus
     from data.validation import validate
-    from launcher.evaluate import (GROUPS, SAMPLE_RATE_HZ, Item, enhance_and_score, enhance_files, plan_batches,
-                                   read_audio)
+    from launcher.scoring.audio import read_audio
+    from launcher.scoring.results import GROUPS
+    from launcher.scoring.batches import SAMPLE_RATE_HZ, Item, plan_batches
+    from launcher.scoring.score import enhance_and_score, enhance_files
     from model import build_model
 
     corpus = make_demo_corpus(REPO / "runs" / "demo_corpus")

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
-from launcher.checkpoint import save  # noqa: E402
-from launcher.ds_config import load_preset, precision, zero_stage  # noqa: E402
+from launcher.checkpoint.store import save  # noqa: E402
+from launcher.plan.ds_config import load_preset, precision, zero_stage  # noqa: E402
 from model import build_model  # noqa: E402
 
 PRESET = "tiny"

@@ -35,7 +35,7 @@ throughput by ±30 % from run to run.
 --profile adds the variants that locate ours' overhead: ours with a loader worker process
 (data.num_workers=1), ours without the background prefetch thread (data.thread_prefetch=0), ours logging
 every step (train.log_interval_steps=1: a JSONL record, TensorBoard scalars and a log line each step); the
-minimal loop with (a) what launcher/train.py adds for its bookkeeping (launcher/faults.py's StepWindow: loss
+minimal loop with (a) what launcher/train.py adds for its bookkeeping (launcher/training/nonfinite.py's StepWindow: loss
 sums kept on the device per micro-batch, and per optimizer step the plain optimizer's gradient norm and one
 all-reduce, then optimizer_step), (b) our data pipeline with the demo recipe's data settings (CropDataset +
 CursorSampler + build_loader + ThreadPrefetcher) instead of in-memory crops.
@@ -164,9 +164,9 @@ def worker_ds(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from launcher.dist_env import release_shm_segment_name
-    from launcher.ds_config import load_preset
-    from launcher.faults import StepWindow, optimizer_step
+    from launcher.dist.group import release_shm_segment_name
+    from launcher.plan.ds_config import load_preset
+    from launcher.training.nonfinite import StepWindow, optimizer_step
     from model import build_model, compute_features, mask_loss
 
     deepspeed.init_distributed(dist_backend="gloo")
@@ -210,7 +210,7 @@ def worker_ddp(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from launcher.ds_config import load_preset
+    from launcher.plan.ds_config import load_preset
     from model import build_model, compute_features, mask_loss
 
     dist.init_process_group("gloo")

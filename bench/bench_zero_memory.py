@@ -19,7 +19,7 @@ reduce buckets and the torch optimizer's state). Each is classed as:
 - buffers: the gradient-reduction buckets (sized by reduce_bucket_size, not by the model);
 - other: anything else found (listed by attribute path in the JSON).
 
-The measured params/grads/optimizer are compared against launcher/memory.py's formulas (goal: within 10 %).
+The measured params/grads/optimizer are compared against launcher/plan/memory.py's formulas (goal: within 10 %).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from launcher import memory  # noqa: E402
-from launcher.dist_env import release_shm_segment_name  # noqa: E402
-from launcher.ds_config import load_preset  # noqa: E402
+from launcher.plan import memory  # noqa: E402
+from launcher.dist.group import release_shm_segment_name  # noqa: E402
+from launcher.plan.ds_config import load_preset  # noqa: E402
 from model import build_model, compute_features, mask_loss  # noqa: E402
 
 CROP_SAMPLES = 12000  # 0.25 s at 48 kHz: 27 frames, enough to exercise every layer on CPU
@@ -310,7 +310,7 @@ def report(rows: list[dict], args: argparse.Namespace, world: int, seconds: floa
 
     mib = 2 ** 20
     table = Table(title=f"ZeRO, {args.preset}, {world} ranks: MiB per rank (the larger rank), held between "
-                        f"micro-batches; formula = launcher/memory.py, paper = ZeRO paper")
+                        f"micro-batches; formula = launcher/plan/memory.py, paper = ZeRO paper")
     for col in ("stage", "prec", "params", "grads", "optimizer", "formula", "dev", "buckets", "paper"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -332,7 +332,7 @@ def report(rows: list[dict], args: argparse.Namespace, world: int, seconds: floa
               "goal": "params, grads and optimizer states within 10 % of the formulas",
               "worst_relative_deviation": max(r["worst_relative_deviation"] for r in rows),
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "deepspeed": deepspeed.__version__}
-    print(f"worst deviation from launcher/memory.py: {100 * result['worst_relative_deviation']:.2f} %")
+    print(f"worst deviation from launcher/plan/memory.py: {100 * result['worst_relative_deviation']:.2f} %")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

@@ -14,10 +14,10 @@ Phases, in this order, each written to the JSON as soon as it is done (so a time
    (TF32 on for matmul and cuDNN), bf16 (autocast, fp32 weights), and last bf16 + torch.compile, if the
    time budget allows: s/batch (median over --steps after --warmup), samples/s, audio-seconds/s,
    achieved TFLOP/s, MFU against the datasheet peak of that precision and against the measured matmul
-   peak, peak memory (CUDA allocator) next to launcher/memory.py's estimate;
+   peak, peak memory (CUDA allocator) next to launcher/plan/memory.py's estimate;
 4. DeepSpeed engines on one rank (world size 1) at each ZeRO stage, bf16 then fp32, the rendered
    ds_configs/zeroN[+bf16].json presets: memory allocated after deepspeed.initialize, peak over the
-   steps, launcher/memory.py's estimate, and s/batch (bf16 at ZeRO 0 is refused by the presets: skipped).
+   steps, launcher/plan/memory.py's estimate, and s/batch (bf16 at ZeRO 0 is refused by the presets: skipped).
 
 torch.compile needs a C compiler and Python's headers on the box (Triton builds its launchers with them); where
 either is missing, or the compile fails for any other reason, that variant is reported as skipped with the
@@ -191,7 +191,7 @@ def zero_engine(preset: str, stage: int, precision: str, device, batch: int, sec
     import deepspeed
     import torch
 
-    from launcher.ds_config import load_preset
+    from launcher.plan.ds_config import load_preset
     from model import build_model, compute_features, mask_loss
 
     set_tf32(False)
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from launcher import memory
+    from launcher.plan import memory
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _rendered(spec: str) -> dict:
-    from launcher.ds_config import load_preset
+    from launcher.plan.ds_config import load_preset
 
     return load_preset(spec)
 

@@ -26,7 +26,7 @@ update, on a generated corpus of 240 training / 24 validation pairs of 0.8–1.2
 Per run, from its metrics.jsonl: exit code, wall time, optimizer steps, s/step (median over logging intervals
 after the first), samples/s, data_wait_share (median and mean), the loss of the first and last interval,
 whether every grad norm is finite, and the CUDA allocator's peak (`gpu_peak_allocated_gib`) beside
-launcher/memory.py's estimate for the same plan. Written to --out after every run.
+launcher/plan/memory.py's estimate for the same plan. Written to --out after every run.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
     if plan and ds_config:
         from types import SimpleNamespace
 
-        from launcher.memory import MemoryEstimateError, estimate_for
+        from launcher.plan.memory import MemoryEstimateError, estimate_for
 
         try:
             out["estimate_gib"] = estimate_for(SimpleNamespace(**plan), ds_config, args.preset).total / 2**30

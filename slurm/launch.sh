@@ -5,13 +5,13 @@
 #   launch.sh node PYTHON DEEPSPEED LAUNCHER_ARGS... SCRIPT...  deepspeed mode: one task per node;
 #       adds this node's --node_rank and a hostfile built from the job's node list
 #       (slots=MF2_RANKS_PER_NODE), plus --include with the GPUs SLURM gave this node when they are
-#       not 0..n-1 (DeepSpeed would otherwise number them from 0: launcher/dist_env.py)
+#       not 0..n-1 (DeepSpeed would otherwise number them from 0: launcher/dist/gpu.py)
 #
 # Both print who they are (node, host, ranks), so a job's log shows that every node took part.
 set -euo pipefail
 
 # srun delivers a preemption notice (USR1) to every process of the step, not only to the ranks.
-# The ranks install their own handler (launcher/preempt.py); everything else started from here
+# The ranks install their own handler (launcher/training/preempt.py); everything else started from here
 # (the deepspeed launcher's two processes, compilers it spawns before that handler exists) must
 # ignore the notice rather than die of it. An ignored disposition survives exec; a handler does not.
 trap '' USR1
@@ -34,7 +34,7 @@ case $mode in
     first=$((SLURM_NODEID * per_node))
     # Node-local, so the launcher does not depend on the shared file system for it.
     hostfile=${TMPDIR:-/tmp}/mf2-hostfile.${SLURM_JOB_ID}.${SLURM_NODEID}
-    include=$("$python" -m launcher.dist_env deepspeed-hostfile "$hostfile" --node_index "$SLURM_NODEID" \
+    include=$("$python" -m launcher.hostfile "$hostfile" --node_index "$SLURM_NODEID" \
       --hosts "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd, -)" --ranks_per_node "$per_node")
     echo "[mf2-slurm] task: deepspeed launcher node ${SLURM_NODEID}/${nodes} host ${host} ranks ${first}..$((first + per_node - 1))" \
       "of $((nodes * per_node)) (SLURM_NODEID=${SLURM_NODEID} SLURMD_NODENAME=${SLURMD_NODENAME:-?}" \

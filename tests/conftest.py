@@ -59,7 +59,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def run_dry_run(capsys, *argv: str) -> tuple[int, str, str]:
     """`python -m launcher.plan ARGV` in process: (exit code, stdout, stderr)."""
-    from launcher.dry_run import main
+    from launcher.plan.cli import main
 
     try:
         rc = main(list(argv))

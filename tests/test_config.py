@@ -126,7 +126,7 @@ def test_every_numeric_or_choice_key_has_a_range():
         for f in dataclasses.fields(cls):
             if hints[f.name] is bool:
                 continue  # true/false is all there is, and _coerce refuses anything else
-            assert f.name in RANGES[section.name], f"{section.name}.{f.name} has no range in launcher/config.py RANGES"
+            assert f.name in RANGES[section.name], f"{section.name}.{f.name} has no range in launcher/config/sections.py RANGES"
         assert set(RANGES[section.name]) <= {f.name for f in dataclasses.fields(cls)}
 
 

@@ -1,5 +1,5 @@
 """CUDA speed settings: TF32 and cuDNN autotuning on by default, a config switch for each, applied to
-torch.backends by launcher/device_settings.py (flags that can be set without a GPU)."""
+torch.backends by launcher/dist/device.py (flags that can be set without a GPU)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launcher.config import ConfigError, CudaSection, load_config
-from launcher.device_settings import apply_device_settings
+from launcher.dist.device import apply_device_settings
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 import pytest
 
-from launcher.dist_env import (EnvError, deepspeed_hostfile, pick_cuda_device, read_dist_env, slurm_gpus_on_node,
-                               slurm_tasks_per_node)
+from launcher.dist.env import EnvError, read_dist_env, slurm_tasks_per_node
+from launcher.dist.gpu import deepspeed_hostfile, pick_cuda_device, slurm_gpus_on_node
 
 
 def test_torch_launcher_variables():
@@ -197,12 +197,12 @@ def test_deepspeed_hostfile_refuses(environ, words):
 
 def test_deepspeed_hostfile_command_line(tmp_path, monkeypatch, capsys):
     """What slurm/launch.sh runs: the hostfile is written, --include printed."""
-    from launcher.dist_env import main
+    from launcher.hostfile import main
 
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    assert main(["deepspeed-hostfile", str(tmp_path / "hf"), "--hosts", "gpu1,gpu2", "--node_index", "1",
+    assert main([str(tmp_path / "hf"), "--hosts", "gpu1,gpu2", "--node_index", "1",
                  "--ranks_per_node", "2"]) == 0
     assert capsys.readouterr().out == "--include=gpu1@gpu2:2,3\n"
     assert (tmp_path / "hf").read_text() == "gpu1 slots=2\ngpu2 slots=4\n"

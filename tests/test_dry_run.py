@@ -15,7 +15,7 @@ import pytest
 from conftest import run_dry_run as run
 
 from launcher.config import load_config
-from launcher.dry_run import add_plan_arguments, plan_from_args
+from launcher.plan.request import add_plan_arguments, plan_from_args
 from launcher.plan import Plan, PlanError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -307,7 +307,7 @@ def test_imports_neither_torch_nor_deepspeed_and_is_fast() -> None:
     proc = _python(*argv)
     assert proc.returncode == 0, proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
-    assert "launcher.plan_card" in imported and "rich" in imported
+    assert "launcher.plan.card" in imported and "rich" in imported
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "deepspeed", "numpy", "torchaudio"))
     assert heavy == []
     best = min(_timed(argv[2:]) for _ in range(2))
@@ -325,7 +325,7 @@ def test_the_card_of_a_resumed_plan_says_what_the_checkpoint_holds() -> None:
     import io
 
     from launcher.plan import AccumSpec, PlanRequest, ResumeHold, make_plan
-    from launcher.plan_card import print_card
+    from launcher.plan.card import print_card
 
     held = ResumeHold(source="checkpoint runs/x/checkpoints/step00000120", global_batch=128, peak_lr=4e-3,
                       base_lr=5e-4, reference_batch=16, lr_rule="linear", lr_derivation="5e-4 × 128/16 = 4e-3 (linear)",

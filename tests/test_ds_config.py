@@ -16,17 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.ds_config import (
-    PRESET_DIR,
-    DsConfigError,
-    available_presets,
-    load_preset,
-    precision,
-    preset_files,
-    preset_micro_batch,
-    render,
-    zero_stage,
-)
+from launcher.plan.ds_config import (PRESET_DIR, DsConfigError, available_presets, load_preset, precision, preset_files,
+                                     preset_micro_batch, render, zero_stage)
 from launcher.plan import AccumSpec, PlanError, PlanRequest, make_plan
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -291,7 +282,7 @@ def test_pinned_deepspeed_keys_are_what_the_installed_deepspeed_reads(deepspeed_
     from deepspeed.runtime.precision_config import DeepSpeedBF16Config, DeepSpeedFP16Config
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from launcher.ds_config import DEEPSPEED_KEYS, PRECISION_KEYS, REMOVED_KEYS, ZERO_KEYS
+    from launcher.plan.ds_config import DEEPSPEED_KEYS, PRECISION_KEYS, REMOVED_KEYS, ZERO_KEYS
 
     plan = plan_for(4, (1, 2), 2)
     full = render(load_preset("ds_configs/bs4.json+ds_configs/zero3.json+ds_configs/bf16.json"), plan)
@@ -339,7 +330,7 @@ def test_the_dry_run_checks_what_deepspeed_would_refuse_late_or_ignore(tmp_path:
 @pytest.fixture(scope="module")
 def validate():
     pytest.importorskip("deepspeed")
-    from launcher.ds_config import validate_with_deepspeed
+    from launcher.training.engine import validate_with_deepspeed
 
     return validate_with_deepspeed
 

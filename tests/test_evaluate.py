@@ -86,7 +86,8 @@ def test_undefined_metrics_are_reported_not_raised():
 
 
 def test_batches_hold_one_key_and_change_nothing():
-    from launcher.evaluate import batch_key, enhance_files, plan_batches
+    from launcher.scoring.batches import batch_key, plan_batches
+    from launcher.scoring.score import enhance_files
     from model import build_model, enhance
 
     torch.manual_seed(0)
@@ -114,7 +115,7 @@ def test_batches_hold_one_key_and_change_nothing():
 
 
 def test_batches_are_shared_by_audio_length_and_the_same_on_every_rank():
-    from launcher.evaluate import assign_batches, plan_batches
+    from launcher.scoring.batches import assign_batches, plan_batches
 
     rng = np.random.default_rng(3)
     samples = [int(rng.uniform(1, 8) * SR) for _ in range(300)]
@@ -127,7 +128,7 @@ def test_batches_are_shared_by_audio_length_and_the_same_on_every_rank():
 
 
 def test_enhanced_names_keep_apart_equal_names_in_different_folders(tmp_path):
-    from launcher.evaluate import enhanced_paths
+    from launcher.scoring.audio import enhanced_paths
 
     out = enhanced_paths(["/data/a/noisy/x.wav", "/data/b/noisy/x.wav", "/data/a/noisy/y.wav"], str(tmp_path))
     assert len(set(out)) == 3
@@ -244,7 +245,8 @@ def test_bad_inputs_are_refused_or_become_rows(demo_corpus, tmp_path, capsys):
 
 def test_a_file_that_cannot_be_read_becomes_a_note(demo_corpus, tmp_path):
     """Files vanish or break between validation and reading (network file systems): that pair's row says so."""
-    from launcher.evaluate import Item, enhance_and_score
+    from launcher.scoring.batches import Item
+    from launcher.scoring.score import enhance_and_score
     from model import build_model
 
     demo = Path(demo_corpus["dir"])

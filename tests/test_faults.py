@@ -2,7 +2,7 @@
 
 Non-finite gradients with a finite loss, checkpoints that no longer verify or load, a full disk during a
 save, kill -9 of every rank inside a save, a rank that stops (SIGSTOP), a read-only corpus folder.
-Faults inside the training come from MF2_TEST_FAULT (launcher/faults.py): a NaN gradient at a given step
+Faults inside the training come from MF2_TEST_FAULT (launcher/training/nonfinite.py): a NaN gradient at a given step
 and rank, or every rank pausing at a named point of a save until the test lets it go (or kills it).
 """
 
@@ -136,7 +136,7 @@ def test_resume_skips_checkpoints_that_do_not_verify_or_load_and_retention_keeps
     garbage = ckpt / "step00000004" / model_file
     garbage.write_bytes(b"not a torch file" * 1000)
     m = marker(run_dir, 4)
-    from launcher.checkpoint import file_record
+    from launcher.checkpoint.integrity import file_record
 
     m["files"] = [file_record(garbage, garbage.parent) if f["path"] == model_file else f for f in m["files"]]
     (ckpt / "step00000004" / "COMPLETE.json").write_text(json.dumps(m))
@@ -168,7 +168,7 @@ def test_resume_skips_checkpoints_that_do_not_verify_or_load_and_retention_keeps
     assert all(abs(r["loss"] - straight[r["step"]]) <= 1e-6 * abs(straight[r["step"]]) for r in resumed)
     # keep_last=1: the newest good checkpoint stays; the bad newer one does not count as one to keep.
     assert [t.name for t in sorted(ckpt.iterdir())] == ["step00000006"]
-    from launcher.checkpoint import check_file
+    from launcher.checkpoint.integrity import check_file
 
     assert all(check_file(ckpt / "step00000006", f) is None for f in marker(run_dir, 6)["files"])
 

@@ -20,7 +20,7 @@ DEMO = "recipes/demo_cpu.yaml"
 def released(tmp_path_factory) -> dict:
     """A 'released' tiny model in the formats users hold it in: ClearerVoice's {'model': ...} with DDP's
     `module.` prefix, a bare state dict, and our export."""
-    from launcher.init_weights import state_digest
+    from launcher.checkpoint.weights import state_digest
     from model import build_model, export_reference_checkpoint
 
     out = tmp_path_factory.mktemp("released")
@@ -59,7 +59,7 @@ def records(run_dir: Path, kind: str) -> list[dict]:
 
 # ---- sources and refusals, in process ----------------------------------------------------------------------
 def test_every_source_format_reads_to_the_same_weights(released):
-    from launcher.init_weights import read_weights, state_digest
+    from launcher.checkpoint.weights import read_weights, state_digest
 
     for name, kind, prefixed in (("clearervoice.pt", "ClearerVoice-format checkpoint", True),
                                  ("bare.pt", "ClearerVoice-format checkpoint", False),
@@ -77,7 +77,7 @@ def test_every_source_format_reads_to_the_same_weights(released):
 
 
 def test_what_does_not_fit_is_refused_with_the_reason(released, tmp_path):
-    from launcher.init_weights import InitError, expected_shapes, match, read_weights
+    from launcher.checkpoint.weights import InitError, expected_shapes, match, read_weights
 
     state = dict(released["state"])
     dropped = "mossformer.conv1d_encoder.weight"
@@ -110,8 +110,8 @@ def test_what_does_not_fit_is_refused_with_the_reason(released, tmp_path):
 
 def test_a_run_directory_gives_its_best_checkpoint(tmp_path, monkeypatch):
     """A run's best checkpoint (recorded in its newest marker) wins over its newest; without one, the newest."""
-    import launcher.export
-    from launcher.init_weights import read_weights
+    import launcher.checkpoint.weights
+    from launcher.checkpoint.weights import read_weights
 
     ckpt = tmp_path / "run" / "checkpoints"
     for step, best in ((4, None), (8, "step00000004"), (12, "step00000004")):
@@ -120,7 +120,7 @@ def test_a_run_directory_gives_its_best_checkpoint(tmp_path, monkeypatch):
         (tag / "COMPLETE.json").write_text(json.dumps({"step": step, "zero_stage": 3, "preset": "tiny",
                                                        "state": {"best_tag": best}}))
     seen = []
-    monkeypatch.setattr(launcher.export, "consolidated_state_dict",
+    monkeypatch.setattr(launcher.checkpoint.weights, "consolidated_state_dict",
                         lambda d, tag: seen.append((d, tag)) or {"w": torch.zeros(1)})
     weights = read_weights(tmp_path / "run")
     assert seen[-1] == (ckpt, "step00000004") and weights.preset == "tiny" and "best checkpoint" in weights.source
@@ -133,7 +133,7 @@ def test_a_run_directory_gives_its_best_checkpoint(tmp_path, monkeypatch):
 
 def test_resume_wins_over_init_from(released, tmp_path):
     from launcher.config import load_config
-    from launcher.init_weights import prepare_init
+    from launcher.checkpoint.weights import prepare_init
 
     run_dir = tmp_path / "run"
     cfg = load_config(DEMO, [f"train.run_dir={run_dir}", f"train.init_from={released['dir'] / 'clearervoice.pt'}"])
@@ -168,8 +168,8 @@ def test_init_at_zero0_from_a_ddp_prefixed_file_then_resume_wins(demo_corpus, re
     assert len(records(run_dir, "init")) == 1 and records(run_dir, "end")[-1]["step"] == 3
 
     # The run directory itself is a source (for the next fine-tune, or launcher.evaluate): its newest checkpoint.
-    from launcher.export import export_run
-    from launcher.init_weights import read_weights, state_digest
+    from launcher.checkpoint.export import export_run
+    from launcher.checkpoint.weights import read_weights, state_digest
 
     weights = read_weights(run_dir)
     export_run(run_dir, tmp_path / "exported.pt")

@@ -1,4 +1,4 @@
-"""launcher/memory.py's arithmetic, the plan card's memory section and `python -m launcher.plan --suggest`.
+"""launcher/plan/memory.py's arithmetic, the plan card's memory section and `python -m launcher.plan --suggest`.
 
 Fast and without torch, except the one test that checks the parameter counts against the model.
 """
@@ -17,13 +17,16 @@ from conftest import run_dry_run as run
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from launcher import memory
-from launcher.ds_config import load_preset
+from launcher.plan import memory
+from launcher.plan.ds_config import load_preset
 from launcher.config import load_config
-from launcher.dry_run import build_parser, plan_from_args, suggest
+from launcher.plan.cli import build_parser
+from launcher.plan.request import plan_from_args
+from launcher.plan.suggest import suggest
 from launcher.plan import PlanError
-from launcher.memory import (ACTIVATIONS, GIB, PRESET_PARAMS, MemoryEstimateError, estimate, largest_fitting_micro_batch,
-                             model_state_bytes, paper_model_state_bytes, reduce_bucket_bytes)
+from launcher.plan.memory import (ACTIVATIONS, GIB, PRESET_PARAMS, MemoryEstimateError, estimate,
+                                  largest_fitting_micro_batch, model_state_bytes, paper_model_state_bytes,
+                                  reduce_bucket_bytes)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = "recipes/train_48k.yaml"
@@ -174,7 +177,7 @@ def test_preset_parameter_sizes_match_the_model() -> None:
 
 
 def test_memory_imports_only_the_standard_library() -> None:
-    code = "import sys, launcher.memory; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+    code = "import sys, launcher.plan.memory; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
            "('torch', 'deepspeed', 'numpy', 'rich', 'yaml')))"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

@@ -54,7 +54,7 @@ def test_bf16_presets_accumulate_and_reduce_gradients_in_fp32(engines):
 
 @pytest.mark.parametrize("name", ["bf16", "zero2_bf16", "zero3_bf16", "zero0_bf16_summed_in_bf16", "zero0_fp32"])
 def test_export_writes_the_fp32_masters_and_the_exact_constants(engines, tmp_path, name):
-    from launcher.export import consolidated_state_dict, export_run
+    from launcher.checkpoint.export import consolidated_state_dict, export_run
     from model import build_model, load_reference_checkpoint
 
     run_dir = engines["dir"] / name

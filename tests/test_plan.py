@@ -1,4 +1,4 @@
-"""Known plans and known refusals of the planner (launcher/plan.py)."""
+"""Known plans and known refusals of the planner (launcher/plan/rules.py)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from launcher.plan import (
     format_lr,
     make_plan,
 )
-from launcher.schedule import LRSchedule
+from launcher.training.schedule import LRSchedule
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import ROOT
 from conftest import run_dry_run as run
-from launcher.ds_config import (DsConfigError, communication_dtype, grad_accum_dtype, load_preset, precision,
-                                stage_named, zero_stage)
+from launcher.plan.ds_config import (DsConfigError, communication_dtype, grad_accum_dtype, load_preset, precision,
+                                     stage_named, zero_stage)
 
 RECIPE = "recipes/train_48k.yaml"
 
@@ -96,7 +96,7 @@ def test_the_dry_run_refuses_bf16_at_zero0(capsys) -> None:
 def test_the_memory_estimate_counts_fp32_accumulation() -> None:
     """bench/bench_zero_memory.py (2 ranks, bf16.json): grads 6Ψ at stage 1 (DeepSpeed's BF16 optimizer: bf16
     gradients and fp32 accumulators), 4Ψ/N at 2–3; no reduce bucket at stage 1, an fp32 one at stage 3."""
-    from launcher.memory import model_state_bytes, reduce_bucket_bytes
+    from launcher.plan.memory import model_state_bytes, reduce_bucket_bytes
 
     psi = 1000
     stage_1, stage_2, stage_3 = (load_preset(f"ds_configs/zero{s}.json+ds_configs/bf16.json") for s in (1, 2, 3))

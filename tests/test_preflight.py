@@ -1,10 +1,10 @@
-"""A job that was given GPUs must not train on the CPU without a word (launcher/preflight.py)."""
+"""A job that was given GPUs must not train on the CPU without a word (launcher/dist/preflight.py)."""
 
 import pytest
 import torch
 
-from launcher.dist_env import DistEnv
-from launcher.preflight import PreflightError, check_accelerator, select_device
+from launcher.dist.env import DistEnv
+from launcher.dist.preflight import PreflightError, check_accelerator, select_device
 
 # A task of `sbatch --gpus-per-node=1 ...` as srun starts it (SLURM 22.05).
 SLURM_GPU_TASK = {"SLURM_JOB_ID": "9", "SLURM_STEP_ID": "0", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from launcher.schedule import LRSchedule
+from launcher.training.schedule import LRSchedule
 
 
 def test_warmup_is_linear_and_never_zero():

@@ -525,7 +525,7 @@ def test_deepspeed_mode_keeps_the_gpus_slurm_allocated(cluster, demo_corpus, tmp
 
 PICK_DEVICE = """
 import os
-from launcher.dist_env import pick_cuda_device, visible_devices
+from launcher.dist.gpu import pick_cuda_device, visible_devices
 seen = visible_devices(os.environ) or []
 device = pick_cuda_device(os.environ, len(seen))  # no CUDA here: the task would see what it is told
 print(f"[pick] {os.environ['BINDING']} {os.environ['SLURMD_NODENAME']} {os.environ['SLURM_LOCALID']} {seen[device.index]}")

@@ -180,6 +180,32 @@ def test_resume_is_exact(demo_corpus, tmp_path):
     assert all(abs(la[k] - lb[k]) <= 1e-6 * abs(la[k]) for k in la), (la, lb)
 
 
+def test_a_checkpoint_of_the_earlier_layout_resumes_exactly(demo_corpus, tmp_path):
+    """tests/data/checkpoint_669dc01 was written by launcher/train.py before launcher/ became packages (main
+    669dc01, ZeRO 1, step 2 of 4; expected.json holds that run's own steps 3-4 and end). Resumed by today's code it
+    trains the same steps to the same losses and parameters."""
+    import shutil
+
+    old = ROOT / "tests" / "data" / "checkpoint_669dc01"
+    expected = json.loads((old / "expected.json").read_text())
+    run_dir = tmp_path / "old"
+    shutil.copytree(old / "step00000002", run_dir / "checkpoints" / "step00000002")
+    proc = ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=4", "train.save_interval_steps=2",
+                                       "train.keep_last=5", "train.log_interval_steps=1", "data.valid_list=none",
+                                       "--resume", "auto", ds="ds_configs/bs4.json+ds_configs/zero1.json")))
+    assert "[resume]" in proc.stdout and "step 2" in proc.stdout
+    got = records(run_dir, "train")
+    assert [r["step"] for r in got] == [3, 4]
+    for want, have in zip(expected["steps_3_4"], got):
+        for key in ("loss", "lr", "grad_norm"):
+            assert have[key] == pytest.approx(want[key], rel=1e-6, abs=0), (key, want, have)
+        assert have["samples_seen"] == want["samples_seen"]
+    end = records(run_dir, "end")[-1]
+    assert (end["step"], end["samples_seen"]) == (4, 64)  # (DeepSpeed does not restore its micro_steps count)
+    for want, have in zip(expected["end"]["param_fingerprints"], end["param_fingerprints"]):
+        assert have == pytest.approx(want, rel=1e-9), (want, have)
+
+
 def test_resume_on_fewer_ranks_keeps_global_batch_lr_and_cursor(demo_corpus, tmp_path):
     run_dir = tmp_path / "shrink"
     common = ("train.log_interval_steps=1", "data.valid_list=none")
@@ -334,7 +360,7 @@ def test_a_nonfinite_micro_batch_on_one_rank_skips_exactly_its_step_on_every_ran
 
 def test_a_run_leaves_no_shared_memory_behind(demo_corpus, tmp_path):
     # DeepSpeed's CPU all-reduce creates one 66 MB /dev/shm segment per rank, named after the port, and never
-    # removes it; the launcher unlinks the names once every rank has mapped them (launcher/dist_env.py).
+    # removes it; the launcher unlinks the names once every rank has mapped them (launcher/dist/group.py).
     port = free_port()
     pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"
     proc = subprocess.run(deepspeed_cmd(*demo_args(demo_corpus, tmp_path / "shm", "train.max_steps=2",

@@ -1,0 +1,188 @@
+"""What rank 0 shows and records: a rich progress bar, the reference's log line, JSONL, TensorBoard.
+
+Every other rank gets a `NullMetrics`, so the training loop never branches on the rank to log. `TrainLog`
+decides when a training record is due (`train.log_interval_steps`) and what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launcher.training.state import Counters, StepResult
+
+
+class NullMetrics:
+    def start_epoch(self, epoch: int, total_micro: int, done_micro: int = 0) -> None: ...
+    def micro(self) -> None: ...
+    def seconds_per_batch(self) -> float:
+        return math.nan
+    def log(self, record: dict[str, Any], line: str | None = None) -> None: ...
+    def print(self, text: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class Metrics(NullMetrics):
+    def __init__(self, run_dir: Path, max_epoch: int, progress_bar: bool = True) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=False, highlight=False)
+        self.max_epoch = max_epoch
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        except ImportError:  # tensorboard is a dependency; stay usable without it
+            self.tb = None
+        # A live bar only on a terminal; in logs (SLURM, CI) the interval lines carry the same numbers.
+        self.progress = None
+        if progress_bar and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("epoch {task.fields[epoch]}"), BarColumn(), MofNCompleteColumn(),
+                TimeRemainingColumn(), TextColumn("{task.fields[stats]}"), console=self.console,
+            )
+            self.progress.start()
+        self.task = None
+        self.epoch_t0 = time.perf_counter()
+        self.epoch_batches = 0
+
+    def start_epoch(self, epoch: int, total_micro: int, done_micro: int = 0) -> None:
+        self.epoch_t0 = time.perf_counter()
+        self.epoch_batches = 0
+        if self.progress is not None:
+            if self.task is not None:
+                self.progress.remove_task(self.task)
+            self.task = self.progress.add_task("train", total=total_micro, completed=done_micro,
+                                               epoch=f"{epoch + 1}/{self.max_epoch}", stats="")
+
+    def micro(self) -> None:
+        self.epoch_batches += 1
+        if self.progress is not None and self.task is not None:
+            self.progress.advance(self.task)
+
+    def seconds_per_batch(self) -> float:
+        """Running average since the epoch started, as the reference prints it."""
+        return (time.perf_counter() - self.epoch_t0) / max(1, self.epoch_batches)
+
+    def log(self, record: dict[str, Any], line: str | None = None) -> None:
+        record = {"time": time.time(), **record}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
+                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+        if line:
+            self.print(line)
+        if self.progress is not None and self.task is not None and record.get("kind") == "train":
+            self.progress.update(self.task, stats=(
+                f"loss {record['loss']:.4f} | {record['s_per_batch']:.3f}s/batch | "
+                f"{record['samples_per_s']:.1f} samples/s | {record['audio_s_per_s_per_gpu']:.1f} audio-s/s/GPU | "
+                f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | wait {100 * record['data_wait_share']:.1f}%"
+            ))
+
+    def print(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()
+        self.jsonl.close()
+
+
+@dataclass
+class _Interval:
+    """Counters between two log lines: the logged loss is the mean over all of its micro-batches."""
+
+    t0: float = field(default_factory=time.perf_counter)
+    wait_s: float = 0.0
+    micro_batches: int = 0
+    loss_sum: float = 0.0
+    loss_n: int = 0
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where in the run a training record is made."""
+
+    epoch: int  # 0-based
+    step: int  # optimizer steps so far (the engine's count)
+    micro_batch: int  # micro-batches of this epoch consumed on each rank
+    micro_batches_per_epoch: int
+
+
+class TrainLog:
+    """The training record and log line of every `train.log_interval_steps`-th optimizer step (and the first).
+
+    Rank 0 writes them to `sink` (Metrics); the other ranks' sink (NullMetrics) drops them."""
+
+    def __init__(self, sink: NullMetrics, interval_steps: int, max_epoch: int, micro_batch: int, world_size: int,
+                 segment_seconds: float, device) -> None:
+        self.sink = sink
+        self.interval_steps, self.max_epoch = interval_steps, max_epoch
+        self.micro_batch, self.world_size, self.segment_seconds = micro_batch, world_size, segment_seconds
+        self.device = device
+        self.interval = _Interval()
+
+    def start_epoch(self, epoch: int, micro_batches_per_epoch: int, done: int) -> None:
+        self.sink.start_epoch(epoch, micro_batches_per_epoch, done)
+        self.interval = _Interval()
+
+    def micro(self) -> None:
+        self.sink.micro()
+
+    def print(self, text: str) -> None:
+        self.sink.print(text)
+
+    def log(self, record: dict[str, Any], line: str | None = None) -> None:
+        self.sink.log(record, line)
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def add_step(self, result: StepResult, micro_batches: int, wait_s: float) -> None:
+        i = self.interval
+        i.micro_batches += micro_batches
+        i.wait_s += wait_s
+        i.loss_sum += result.totals.loss_sum
+        i.loss_n += result.totals.finite
+
+    def maybe_log(self, at: Position, result: StepResult, grad_norm: float | None, counters: Counters) -> None:
+        """Log when `at.step` is due; the interval starts again after a log."""
+        if not (at.step == 1 or at.step % self.interval_steps == 0):
+            return
+        i = self.interval
+        loss = i.loss_sum / i.loss_n if i.loss_n else float("nan")
+        elapsed = max(1e-9, time.perf_counter() - i.t0)
+        n = max(1, i.micro_batches)
+        lr = 0.0 if result.skipped else result.lr
+        spb = self.sink.seconds_per_batch()
+        record = {
+            "kind": "train", "epoch": at.epoch + 1, "step": at.step, "samples_seen": counters.samples_seen,
+            "loss": loss, "lr": lr, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "s_per_batch": spb, "samples_per_s": n * self.micro_batch * self.world_size / elapsed,
+            "audio_s_per_s_per_gpu": n * self.micro_batch * self.segment_seconds / elapsed,
+            "data_wait_share": i.wait_s / elapsed, "skipped_steps": counters.skipped_steps,
+        }
+        if self.device.type == "cuda":
+            import torch
+
+            # The CUDA allocator's high-water mark since the start (rank 0's GPU): what launcher/plan/memory.py
+            # estimates.
+            record["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        line = (f"Train Epoch: {at.epoch + 1}/{self.max_epoch} Step: {at.micro_batch}/{at.micro_batches_per_epoch} | "
+                f"{spb:.3f}s/batch | lr {lr:.4e} || Mask_Loss {loss:.4f}")
+        self.sink.log(record, line)
+        self.interval = _Interval()
