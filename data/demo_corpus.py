@@ -14,6 +14,10 @@ closer to real speech but dependent on the espeak-ng version, hence off by defau
 
 Every file depends only on (seed, split, file number), so the corpus is the same on every machine and a
 corpus with more files extends a smaller one.
+
+For dynamic mixing the same folder also gets clean lists (the pairs' clean files), noise files of their own
+and synthetic room impulse responses, with their lists (:func:`make_mixing_material`); the pairs and their
+lists are byte for byte what they are without them.
 """
 
 from __future__ import annotations

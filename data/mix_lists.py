@@ -216,31 +216,34 @@ def validate_mixing(
     return result, report
 
 
-def _check_index(role, index: FileIndex, config, rate, resample, pool, workers, cache, levels_cache, report) -> FileIndex:
+def _check_index(role, index: FileIndex, config, rate, resample, pool, workers, cache, levels_cache, report,
+                 chunk: int = 20_000) -> FileIndex:
     problems: list[Problem] = []
     for list_id, line_no, text, reason in index.malformed_details():
         problems.append(Problem(list_id, line_no, f"{index.lists[list_id].display}:{line_no}", text, reason, "malformed"))
-    paths = [index.path(i) for i in range(len(index))]
-    unique = list(dict.fromkeys(paths))
-    headers = _headers(unique, pool, workers, cache, report)
     bad = np.zeros(len(index), dtype=bool)
     durations = index.durations.copy()
-    found: dict[str, tuple[str, str] | None] = {}
-    for path in unique:
-        found[path] = _header_problem(headers[path], rate, resample)
-    if role in ("noise", "rir"):
-        todo = [p for p in unique if found[p] is None]
-        levels = _levels(todo, pool, workers, levels_cache, report)
-        for path in todo:
-            found[path] = _level_problem(role, levels[path], config)
-    for i, path in enumerate(paths):
-        problem = found[path]
-        if problem is not None:
-            bad[i] = True
-            problems.append(Problem(index.list_id(i), index.line_number(i), index.where(i), path, *problem))
-        elif np.isnan(durations[i]):
-            h = headers[path]
-            durations[i] = h.frames / h.samplerate
+    # In chunks, as data.validate does: paths of millions of lines are never all held at once.
+    for s in range(0, len(index), chunk):
+        e = min(len(index), s + chunk)
+        paths = [index.path(i) for i in range(s, e)]
+        unique = list(dict.fromkeys(paths))
+        headers = _headers(unique, pool, workers, cache, report)
+        found = {path: _header_problem(headers[path], rate, resample) for path in unique}
+        if role in ("noise", "rir"):
+            todo = [p for p in unique if found[p] is None]
+            levels = _levels(todo, pool, workers, levels_cache, report)
+            for path in todo:
+                found[path] = _level_problem(role, levels[path], config)
+        for k, path in enumerate(paths):
+            i = s + k
+            problem = found[path]
+            if problem is not None:
+                bad[i] = True
+                problems.append(Problem(index.list_id(i), index.line_number(i), index.where(i), path, *problem))
+            elif np.isnan(durations[i]):
+                h = headers[path]
+                durations[i] = h.frames / h.samplerate
     kept = index.with_durations(durations).subset(~bad)
     for list_id, count in enumerate(kept.entries_per_list()):
         if count == 0:

@@ -327,11 +327,11 @@ class MixingDataset(Dataset):
         """(speech in the mixture, target): full reverberation, and the dry, early or reverberant target.
 
         ``x`` holds ``len(h) - 1`` samples before the crop. The convolution's length is padded up to a fast FFT
-        size (zeros at the end change nothing inside the window we keep).
+        size (:func:`conv_length`; zeros at the end change nothing inside the window we keep).
         """
         pre = h.numel() - 1
         full = x.numel() + h.numel() - 1
-        xp = torch.nn.functional.pad(x, (0, fast_fft_length(full) - full))
+        xp = torch.nn.functional.pad(x, (0, conv_length(full) - full))
         target_kind = self.config.target
         if target_kind == "early":
             early = torch.zeros_like(h)
@@ -416,6 +416,16 @@ def loop_with_crossfade(x: torch.Tensor, start: int, need: int, crossfade: int) 
             out[pos - c : pos - c + n] += middle
             pos += n - c
     return out[:need]
+
+
+def conv_length(n: int) -> int:
+    """The FFT length used for a convolution of ``n`` output samples: the smallest even 2^a·3^b·5^c >= n.
+
+    fftconvolve transforms at exactly ``len(x) + len(h) - 1``, which for some impulse-response lengths is a
+    prime or has a large prime factor: several times slower (bench/bench_mixing.py measures it). Even, since
+    a real FFT of even length is done as a complex one of half the length.
+    """
+    return 2 * fast_fft_length(-(-n // 2))
 
 
 def _rms(x: torch.Tensor) -> float:
