@@ -16,13 +16,15 @@ of 2 s, 16 synthetic impulse responses of 0.2-1.0 s; written once into --workdir
 2. FFT length: the reverberation's convolution at the exact length fftconvolve would use and at
    data.mixing.conv_length's, over 24 impulse-response lengths drawn in 0.2-1.5 s, alternating.
 3. Delivery: build_loader with the production recipe's loader settings (recipes/train_48k.yaml and the
-   data section's defaults: 4 workers, prefetch_factor 2, persistent workers, prefetch thread 2) at the
-   goal's micro-batch of 12, drained for ``--batches`` batches after the first: audio-s/s delivered, against
-   the goal's 12 × 4 s per 0.10 s = 480 audio-s/s per GPU. Also 2 workers (this machine's core count).
+   data section's defaults: 4 workers, prefetch_factor 2, prefetch thread 2) at the goal's micro-batch of
+   12, drained for ``--batches`` batches after the first: audio-s/s delivered (wall clock: bounded by what
+   the machine's other users leave), and the CPU seconds the whole loader spent per audio-second (workers
+   and prefetch thread), whose inverse times the worker count is what those workers deliver on as many free
+   cores: the capacity compared with the goal's 12 × 4 s per 0.10 s = 480 audio-s/s per GPU. Also 2 workers.
 4. Batched (the device alternative's arithmetic, run on the CPU): the reverberation and noise addition of a
    micro-batch of 12 in one fftconvolve/add_noise call on padded tensors, per mixture, against item by item.
 
-Headroom = delivered / 480. The machine, its load average before and after, and torch's thread count go
+Headroom = capacity / 480. The machine, its load average before and after, and torch's thread count go
 into the JSON.
 """
 
@@ -55,7 +57,7 @@ RATE = 48000
 SEGMENT_S = 4.0
 GOAL_AUDIO_S_PER_S = 12 * 4.0 / 0.10  # batch 12 x 4 s per 0.10 s step, per GPU
 PRODUCTION_LOADER = dict(num_workers=4, prefetch_factor=2, persistent_workers=True, thread_prefetch=2)
-_CORPUS_VERSION = "1"
+_CORPUS_VERSION = "3"
 
 
 def make_corpus(folder: Path) -> Path:
@@ -81,7 +83,8 @@ def make_corpus(folder: Path) -> Path:
         rirs.append(f"rir{k}.wav")
     for name, files in (("clean", clean), ("noise", noise + short), ("short", short), ("rir", rirs)):
         (folder / f"{name}.lst").write_text("".join(f"{f}\n" for f in files))
-    (folder / "pairs.lst").write_text("".join(f"{f} {f}\n" for f in clean))  # the reading cost of a pre-mixed pair
+    # The reading cost of a pre-mixed pair (each clean file as both sides), 64 times over for enough pairs.
+    (folder / "pairs.lst").write_text("".join(f"{f} {f}\n" for f in clean) * 64)
     marker.write_text(_CORPUS_VERSION)
     return folder
 
@@ -189,22 +192,36 @@ def fft_lengths(repeats: int) -> dict:
             "raw_over_padded_median": float(np.median(ratios)), "raw_over_padded_max": float(np.max(ratios))}
 
 
-def delivery(dataset, workers: int, batches: int, micro: int = 12) -> float:
-    settings = {**PRODUCTION_LOADER, "num_workers": workers}
-    if workers == 0:
-        settings.pop("persistent_workers"), settings.pop("prefetch_factor")
-    sampler = CursorSampler(len(dataset), micro, 0, 1, seed=777)
+def delivery(dataset, workers: int, batches: int, micro: int = 12) -> dict:
+    """One loader with the production settings over ``batches + 1`` micro-batches of ``micro``.
+
+    Wall: audio-s/s delivered after the first batch (depends on what else runs on the machine). CPU: the
+    seconds of CPU the whole loader spent (workers, reaped at the end, plus this process: the prefetch
+    thread and the hand-over) per audio-second delivered, which other users' load hardly moves; the
+    capacity of ``workers`` free cores is then workers / that. Workers are not persistent here, so that
+    they end with the pass and their CPU time can be read (getrusage of reaped children).
+    """
+    import resource
+
+    settings = {**PRODUCTION_LOADER, "num_workers": workers, "persistent_workers": False}
+    sampler = CursorSampler(micro * (batches + 1), micro, 0, 1, seed=777)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = time.process_time()
     loader = build_loader(dataset, sampler, pin_memory=False, **settings)
     it = iter(loader)
     next(it)
     start = time.perf_counter()
     seen = 0
-    for _ in range(batches):
-        noisy, _ = next(it)
+    for noisy, _ in it:
         seen += noisy.shape[0]
-    rate = seen * SEGMENT_S / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
     del it, loader
-    return rate
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) + (time.process_time() - own)
+    audio = (seen + micro) * SEGMENT_S
+    cpu_per_audio_s = cpu / audio
+    return {"audio_s_per_s": seen * SEGMENT_S / wall, "cpu_s_per_audio_s": cpu_per_audio_s,
+            "capacity_audio_s_per_s": workers / cpu_per_audio_s, "headroom": workers / cpu_per_audio_s / GOAL_AUDIO_S_PER_S}
 
 
 def batched(datasets: dict, repeats: int, micro: int = 12) -> dict:
@@ -274,11 +291,14 @@ def main() -> None:
         if "loader" in parts:
             torch.set_num_threads(1)
             result["delivery"] = {}
-            for name in ("mix", "mix_rir_half", "mix_rir"):
+            print(f"{'loader (production settings)':<34} {'wall audio-s/s':>14} {'CPU s/audio-s':>14} "
+                  f"{'capacity of the workers':>24} {'headroom':>9}")
+            for name in ("premixed", "mix", "mix_rir_half", "mix_rir"):
                 for workers in (4, 2):
-                    rate = delivery(datasets[name], workers, args.batches)
-                    result["delivery"][f"{name}/{workers}"] = {"audio_s_per_s": rate, "headroom": rate / GOAL_AUDIO_S_PER_S}
-                    print(f"delivery {name:<13} {workers} workers: {rate:7.0f} audio-s/s = {rate / GOAL_AUDIO_S_PER_S:.2f}x the goal")
+                    r = delivery(datasets[name], workers, args.batches)
+                    result["delivery"][f"{name}/{workers}"] = r
+                    print(f"{name + f', {workers} workers':<34} {r['audio_s_per_s']:>14.0f} {r['cpu_s_per_audio_s']:>14.5f} "
+                          f"{r['capacity_audio_s_per_s']:>17.0f} on {workers} {r['headroom']:>8.2f}x")
         if "batched" in parts:
             result["batched"] = b = batched(datasets, args.repeats)
             print(f"reverberation + add_noise, micro-batch 12: one by one {b['one_by_one_ms_per_mixture']:.1f} ms/mixture, "

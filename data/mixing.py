@@ -218,19 +218,48 @@ class MixingDataset(Dataset):
             raise IndexError(f"sample {i} out of range for {self.num_samples} mixtures per epoch")
         cfg = self.config
         d = Draws(self.seed, None if self.fixed else epoch, i)
+        rir, direct, rir_where = self._room(d)
+        x, take, clean_where = self._clean_crop(d, i, epoch, pre=rir.numel() - 1 if rir is not None else 0)
+        dry = x[x.numel() - take :]
+        speech, target = self._reverberate(x, rir, direct, take) if rir is not None else (dry, dry)
+        level = d.uniform(_LEVEL, *cfg.speech_level_dbfs)
+        snr = d.uniform(_SNR, *cfg.snr_db)
+        noise, noise_where, dropped = self._noise(d, take)
+        silent = rms_dbfs(dry.numpy()) < cfg.silence_dbfs
+        noisy, speech, target, noise, flags = _at_snr(speech, target, noise, level, snr, silent)
+        flags |= (REVERBERANT if rir is not None else 0) | (NOISE_DROPPED if dropped else 0)
+        noisy, target, speech, noise, peak_gain, clipped, peak_flags = self._full_scale(noisy, target, speech, noise)
+        noisy_np, target_np = noisy.numpy(), target.numpy()
+        noisy_gain = clean_gain = 1.0
+        if cfg.renormalize:
+            noisy_gain, noisy_np = level_gain(noisy_np), normalize_level(noisy_np)
+            if not silent:  # an all-zero target stays zero
+                clean_gain, target_np = level_gain(target_np), normalize_level(target_np)
         L = self.segment_samples
-        flags = 0
+        return Mixture(
+            noisy=_pad(noisy_np, L), clean=_pad(target_np, L), speech=_pad(speech.numpy(), L), noise=_pad(noise.numpy(), L),
+            snr_db=snr, speech_level_dbfs=level, flags=flags | peak_flags, valid_samples=take, clean_where=clean_where,
+            noise_where=noise_where, rir_where=rir_where, peak_gain=peak_gain, clipped_samples=clipped,
+            noisy_gain=noisy_gain, clean_gain=clean_gain,
+        )
 
-        rir = rir_where = None
-        if self._rirs is not None and d.uniform(_RIR_APPLY) < cfg.rir_probability:
-            rir_id = d.below(_RIR_PICK, len(self._rirs))
-            rir, direct = self._read_rir(rir_id)
-            rir_where = f"{self._rirs.where(rir_id)}: {self._rirs.path(rir_id)}"
-            flags |= REVERBERANT
+    def _room(self, d: Draws) -> tuple[torch.Tensor | None, int, str | None]:
+        """(impulse response, its direct-path index, list:line: path), or (None, 0, None) for a dry mixture."""
+        if self._rirs is None or d.uniform(_RIR_APPLY) >= self.config.rir_probability:
+            return None, 0, None
+        entry = d.below(_RIR_PICK, len(self._rirs))
+        h, direct = self._read_rir(entry)
+        return h, direct, f"{self._rirs.where(entry)}: {self._rirs.path(entry)}"
 
-        clean_index, entry = self.clean_file(i, epoch)
-        path, where = clean_index.path(entry), clean_index.where(entry)
-        pre = rir.numel() - 1 if rir is not None else 0
+    def _clean_crop(self, d: Draws, i: int, epoch: int, pre: int) -> tuple[torch.Tensor, int, str]:
+        """(``pre`` samples before the crop, then the crop; its real length; list:line: path).
+
+        The samples before the crop are the file's own where it has them (the reverberation entering the
+        window), silence before the file's start.
+        """
+        index, entry = self.clean_file(i, epoch)
+        path, where = index.path(entry), index.where(entry)
+        L = self.segment_samples
         with _open(path, where) as f:
             n = self._frames(f, path, where)
             if n <= 0:
@@ -239,66 +268,28 @@ class MixingDataset(Dataset):
             start = d.below(_CLEAN_OFFSET, n - L + 1) if n > L else 0
             avail = min(start, pre)
             x = torch.from_numpy(_read(f, start - avail, avail + take, self.sample_rate_hz, path, where))
-        if avail < pre:  # the file starts inside the reverberation's reach: silence before it
+        if avail < pre:
             x = torch.nn.functional.pad(x, (pre - avail, 0))
-        dry = x[pre:]
-        if rir is not None:
-            speech, target = self._reverberate(x, rir, direct, take)
-        else:
-            speech, target = dry, dry
+        return x, take, f"{where}: {path}"
 
-        level = d.uniform(_LEVEL, *cfg.speech_level_dbfs)
-        snr = d.uniform(_SNR, *cfg.snr_db)
-        noise, noise_where, dropped = self._noise(d, take)
-        if dropped:
-            flags |= NOISE_DROPPED
-        silent = rms_dbfs(dry.numpy()) < cfg.silence_dbfs
-        if silent:
-            # No SNR exists without speech: noise alone at the level the speech would have had minus the SNR.
-            flags |= SILENT_CLEAN
-            speech = torch.zeros(take)
-            target = torch.zeros(take)
-            if noise is None:
-                noise = torch.zeros(take)
-            else:
-                noise = noise * (10.0 ** ((level - snr) / 20.0) / _rms(noise))
-            noisy = noise.clone()
-        else:
-            gain = level_gain(speech.numpy(), level)
-            speech, target = speech * gain, target * gain
-            if noise is None:
-                flags |= NO_NOISE
-                noise = torch.zeros(take)
-                noisy = speech.clone()
-            else:
-                noisy = AF.add_noise(speech[None], noise[None], torch.tensor([snr], dtype=torch.float32))[0]
-                noise = noisy - speech
-
-        peak_gain, clipped = 1.0, 0
-        target_peak = float(target.abs().max()) if take else 0.0
-        noisy_peak = float(noisy.abs().max()) if take else 0.0
-        over = max(target_peak, noisy_peak if cfg.peak_policy == "scale" else 0.0)
+    def _full_scale(self, noisy: torch.Tensor, target: torch.Tensor, speech: torch.Tensor, noise: torch.Tensor) -> tuple:
+        """The peak policy: (noisy, target, speech, noise, common gain, clipped samples, flags)."""
+        cfg = self.config
+        flags, gain, clipped = 0, 1.0, 0
+        if noisy.numel() == 0:
+            return noisy, target, speech, noise, gain, clipped, flags
+        # The target is never clipped: when it alone exceeds, both policies lower everything together.
+        over = max(float(target.abs().max()), float(noisy.abs().max()) if cfg.peak_policy == "scale" else 0.0)
         if over > cfg.max_peak:
-            peak_gain = cfg.max_peak / over
-            noisy, target, speech, noise = noisy * peak_gain, target * peak_gain, speech * peak_gain, noise * peak_gain
+            gain = cfg.max_peak / over
+            noisy, target, speech, noise = noisy * gain, target * gain, speech * gain, noise * gain
             flags |= PEAK_SCALED
         if cfg.peak_policy == "clip":
             clipped = int((noisy.abs() > cfg.max_peak).sum())
             if clipped:
                 noisy = noisy.clamp(-cfg.max_peak, cfg.max_peak)
                 flags |= CLIPPED
-
-        noisy_np, target_np = noisy.numpy().astype(np.float32, copy=False), target.numpy().astype(np.float32, copy=False)
-        noisy_gain = clean_gain = 1.0
-        if cfg.renormalize:
-            noisy_gain, clean_gain = level_gain(noisy_np), (level_gain(target_np) if not silent else 1.0)
-            noisy_np, target_np = normalize_level(noisy_np), (normalize_level(target_np) if not silent else target_np)
-        return Mixture(
-            noisy=_pad(noisy_np, L), clean=_pad(target_np, L), speech=_pad(speech.numpy(), L), noise=_pad(noise.numpy(), L),
-            snr_db=snr, speech_level_dbfs=level, flags=flags, valid_samples=take, clean_where=f"{where}: {path}",
-            noise_where=noise_where, rir_where=rir_where, peak_gain=peak_gain, clipped_samples=clipped,
-            noisy_gain=noisy_gain, clean_gain=clean_gain,
-        )
+        return noisy, target, speech, noise, gain, clipped, flags
 
     def _frames(self, f: sf.SoundFile, path: str, where: str) -> int:
         if f.samplerate != self.sample_rate_hz and not self.resample:
@@ -390,6 +381,32 @@ class MixingDataset(Dataset):
             out[at : at + n] = x
             return out
         return loop_with_crossfade(x, d.below(_SOURCE_OFFSET, n, key), need, self._crossfade)
+
+
+def _at_snr(speech: torch.Tensor, target: torch.Tensor, noise: torch.Tensor | None, level_dbfs: float, snr_db: float,
+            silent: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(noisy, speech, target, noise, flags): the speech set to ``level_dbfs`` (target alike), the noise added
+    at ``snr_db`` by torchaudio's add_noise; ``noisy == speech + noise``.
+
+    A silent clean crop has no SNR: the pair becomes the noise alone at the level the speech would have had
+    minus the SNR, with an all-zero target. Without noise (every source dropped) noisy is the speech.
+    """
+    take = speech.numel()
+    flags = 0
+    if silent:
+        flags |= SILENT_CLEAN
+        speech, target = torch.zeros(take), torch.zeros(take)
+        if noise is not None:
+            noise = noise * (10.0 ** ((level_dbfs - snr_db) / 20.0) / _rms(noise))
+    else:
+        gain = level_gain(speech.numpy(), level_dbfs)
+        speech, target = speech * gain, target * gain
+    if noise is None:
+        return speech.clone(), speech, target, torch.zeros(take), flags | NO_NOISE
+    if silent:
+        return noise.clone(), speech, target, noise, flags
+    noisy = AF.add_noise(speech[None], noise[None], torch.tensor([snr_db], dtype=torch.float32))[0]
+    return noisy, speech, target, noisy - speech, flags
 
 
 def loop_with_crossfade(x: torch.Tensor, start: int, need: int, crossfade: int) -> torch.Tensor:

@@ -71,14 +71,14 @@ def test_every_bad_input_in_one_report_before_training(lists):
         f"clean.lst:5: {d}/corrupt.wav: unreadable or corrupt",
         f"clean.lst:6: {d}/zero.wav: empty: file has 0 bytes",
         f"clean.lst:7: {d}/no_frames.wav: empty: header has 0 frames",
-        f"clean.lst:8: \"c_good.wav soon\": duration 'soon' is not a finite number >= 0",
-        f"clean.lst:9: \"a.wav b.wav c.wav\": expected 'path [duration]', found 3 fields",
+        "clean.lst:8: \"c_good.wav soon\": duration 'soon' is not a finite number >= 0",
+        "clean.lst:9: \"a.wav b.wav c.wav\": expected 'path [duration]', found 3 fields",
         f"noise.lst:2: {d}/n_silent.wav: silent: RMS -inf dBFS (all zero) over the whole file, below mixing.silence_dbfs -60",
         f"noise.lst:3: {d}/n_quiet.wav: silent: RMS -126.0 dBFS over the whole file",
         f"noise.lst:4: {d}/n_nan.wav: non-finite samples (NaN or Inf) in the file",
         f"noise.lst:5: {d}/n16.wav: sample rate 16000 Hz",
         f"noise_bad.lst:1: {d}/n_silent.wav: silent",
-        f"noise_bad.lst: -: no usable noise file in this list",
+        "noise_bad.lst: -: no usable noise file in this list",
         f"rir.lst:2: {d}/r_zero.wav: no energy: largest tap -inf dBFS (all zero) (below -100 dBFS)",
     ]
     for line in expected:

@@ -15,7 +15,7 @@ import torch
 from data import (CropDataset, CursorSampler, DataError, EvalSampler, JoinedDataset, MixingConfig, MixingDataset,
                   PairIndex, build_loader, epoch_layout, flag_counts, load_mixing_lists)
 from data.demo_corpus import synth_noise, synth_rir, synth_speech
-from data.mixing import (CLIPPED, NOISE_DROPPED, PEAK_SCALED, PREMIXED, REVERBERANT, SILENT_CLEAN, Draws,
+from data.mixing import (CLIPPED, NOISE_DROPPED, PEAK_SCALED, REVERBERANT, SILENT_CLEAN, Draws,
                          loop_with_crossfade)
 
 RATE = 48000
