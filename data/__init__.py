@@ -35,6 +35,7 @@ _EXPORTS = {
     "load_mixing_lists": "mix_lists",
     "make_demo_corpus": "demo_corpus",
     "mixing_record": "mix_lists",
+    "mixing_training_set": "mixing",
     "validate": "validation",
     "validate_mixing": "mix_lists",
 }
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from .loader import ThreadPrefetcher, build_loader
     from .mix_lists import (CorpusStats, MixingCorpus, MixingReport, compare_records, corpus_summary, list_digests,
                             load_mixing_lists, mixing_record, validate_mixing)
-    from .mixing import JoinedDataset, MixingDataset, epoch_layout, flag_counts
+    from .mixing import JoinedDataset, MixingDataset, epoch_layout, flag_counts, mixing_training_set
     from .mixing_config import MixingConfig
     from .sampler import CursorSampler, EvalSampler, batches_per_epoch
     from .validation import Problem, ValidationReport, validate

@@ -534,3 +534,20 @@ class JoinedDataset(Dataset):
         if self.return_flags and isinstance(dataset, CropDataset):
             out = (*out, torch.tensor(PREMIXED, dtype=torch.int64))
         return out
+
+
+def mixing_training_set(config: MixingConfig, corpus: MixingCorpus, *, premixed: CropDataset | None = None,
+                        segment_seconds: float = 4.0, sample_rate_hz: int = 48000, seed: int = 777,
+                        resample: bool = False, return_flags: bool = True) -> tuple[Dataset, int, int]:
+    """The training dataset of a mixing recipe: (dataset, pre-mixed pairs per epoch, mixtures per epoch).
+
+    Without ``premixed`` (or with ``config.premixed_share`` 0) the MixingDataset itself; otherwise a
+    JoinedDataset of ``premixed`` (CropDataset over data.train_list) and the mixtures, laid out by
+    :func:`epoch_layout`. Its length is the CursorSampler's ``num_samples``.
+    """
+    mix = MixingDataset(corpus, config, segment_seconds=segment_seconds, sample_rate_hz=sample_rate_hz, seed=seed,
+                        resample=resample, return_flags=return_flags)
+    if premixed is None or config.premixed_share == 0:
+        return mix, 0, len(mix)
+    count, mixtures = epoch_layout(len(mix), len(premixed), config.premixed_share)
+    return JoinedDataset([(premixed, count), (mix, mixtures)], return_flags=return_flags), count, mixtures

@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 
 from data import (CropDataset, CursorSampler, DataError, EvalSampler, JoinedDataset, MixingConfig, MixingDataset,
-                  PairIndex, build_loader, epoch_layout, flag_counts, load_mixing_lists)
+                  PairIndex, build_loader, epoch_layout, flag_counts, load_mixing_lists, mixing_training_set)
 from data.demo_corpus import synth_noise, synth_rir, synth_speech
 from data.mixing import (CLIPPED, NOISE_DROPPED, PEAK_SCALED, REVERBERANT, SILENT_CLEAN, Draws,
                          loop_with_crossfade)
@@ -304,11 +304,9 @@ def test_a_share_of_pre_mixed_pairs_under_one_sampler_index_space(tmp_path, corp
         pairs.append(f"{wav(tmp_path / f'pn{k}.wav', x)} {wav(tmp_path / f'pc{k}.wav', x / 2)}\n")
     (tmp_path / "pairs.lst").write_text("".join(pairs))
     crops = CropDataset(PairIndex.from_lists([tmp_path / "pairs.lst"]), segment_seconds=SEGMENT)
-    cfg = config(corpus_dir)
-    mix = MixingDataset(load_mixing_lists(cfg), cfg, segment_seconds=SEGMENT, num_samples=24, return_flags=True)
-    premixed, mixtures = epoch_layout(len(mix), len(crops), 0.25)
-    assert (premixed, mixtures) == (8, 24)
-    joined = JoinedDataset([(crops, premixed), (mix, mixtures)], return_flags=True)
+    cfg = config(corpus_dir, premixed_share=0.25, samples_per_epoch=24)
+    joined, premixed, mixtures = mixing_training_set(cfg, load_mixing_lists(cfg), premixed=crops, segment_seconds=SEGMENT)
+    assert (premixed, mixtures) == (8, 24) and len(joined) == 32 and isinstance(joined, JoinedDataset)
     per_epoch = {}
     for epoch in (0, 1, 2):
         for world in (1, 2):
