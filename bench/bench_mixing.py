@@ -18,9 +18,11 @@ of 2 s, 16 synthetic impulse responses of 0.2-1.0 s; written once into --workdir
 3. Delivery: build_loader with the production recipe's loader settings (recipes/train_48k.yaml and the
    data section's defaults: 4 workers, prefetch_factor 2, prefetch thread 2) at the goal's micro-batch of
    12, drained for ``--batches`` batches after the first: audio-s/s delivered (wall clock: bounded by what
-   the machine's other users leave), and the CPU seconds the whole loader spent per audio-second (workers
-   and prefetch thread), whose inverse times the worker count is what those workers deliver on as many free
-   cores: the capacity compared with the goal's 12 × 4 s per 0.10 s = 480 audio-s/s per GPU. Also 2 workers.
+   the machine's other users leave), and the CPU seconds the whole loader spends per audio-second (workers
+   and prefetch thread; a pass of 2 batches subtracted, so that worker start-up is left out as persistent
+   workers leave it out), whose inverse times the worker count is what those workers deliver on as many
+   free cores: the capacity compared with the goal's 12 × 4 s per 0.10 s = 480 audio-s/s per GPU. Also 2
+   workers.
 4. Batched (the device alternative's arithmetic, run on the CPU): the reverberation and noise addition of a
    micro-batch of 12 in one fftconvolve/add_noise call on padded tensors, per mixture, against item by item.
 
@@ -192,15 +194,8 @@ def fft_lengths(repeats: int) -> dict:
             "raw_over_padded_median": float(np.median(ratios)), "raw_over_padded_max": float(np.max(ratios))}
 
 
-def delivery(dataset, workers: int, batches: int, micro: int = 12) -> dict:
-    """One loader with the production settings over ``batches + 1`` micro-batches of ``micro``.
-
-    Wall: audio-s/s delivered after the first batch (depends on what else runs on the machine). CPU: the
-    seconds of CPU the whole loader spent (workers, reaped at the end, plus this process: the prefetch
-    thread and the hand-over) per audio-second delivered, which other users' load hardly moves; the
-    capacity of ``workers`` free cores is then workers / that. Workers are not persistent here, so that
-    they end with the pass and their CPU time can be read (getrusage of reaped children).
-    """
+def _loader_pass(dataset, workers: int, batches: int, micro: int) -> tuple[float, float, float]:
+    """(audio-seconds, wall seconds after the first batch, CPU seconds of the whole loader) over batches + 1."""
     import resource
 
     settings = {**PRODUCTION_LOADER, "num_workers": workers, "persistent_workers": False}
@@ -211,16 +206,29 @@ def delivery(dataset, workers: int, batches: int, micro: int = 12) -> dict:
     it = iter(loader)
     next(it)
     start = time.perf_counter()
-    seen = 0
-    for noisy, _ in it:
-        seen += noisy.shape[0]
+    for _ in it:
+        pass
     wall = time.perf_counter() - start
     del it, loader
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime) + (time.process_time() - own)
-    audio = (seen + micro) * SEGMENT_S
-    cpu_per_audio_s = cpu / audio
-    return {"audio_s_per_s": seen * SEGMENT_S / wall, "cpu_s_per_audio_s": cpu_per_audio_s,
+    return micro * (batches + 1) * SEGMENT_S, wall, cpu
+
+
+def delivery(dataset, workers: int, batches: int, micro: int = 12) -> dict:
+    """A loader with the production settings: wall delivery, and the CPU it costs per audio-second.
+
+    Wall: audio-s/s delivered after the first batch (bounded by what else runs on the machine). CPU: the
+    seconds the whole loader spends (its workers, reaped at the end of a pass, plus this process: prefetch
+    thread and hand-over) per audio-second, taken as the difference between a pass of ``batches + 1`` and one
+    of 2 batches, so that starting the workers (once per run with persistent workers) is left out; other
+    users' load hardly moves it. ``workers`` free cores then deliver workers / that.
+    """
+    short_audio, _, short_cpu = _loader_pass(dataset, workers, 1, micro)
+    audio, wall, cpu = _loader_pass(dataset, workers, batches, micro)
+    cpu_per_audio_s = (cpu - short_cpu) / (audio - short_audio)
+    return {"audio_s_per_s": (audio - micro * SEGMENT_S) / wall, "cpu_s_per_audio_s": cpu_per_audio_s,
+            "startup_cpu_s": short_cpu - 2 * micro * SEGMENT_S * cpu_per_audio_s,
             "capacity_audio_s_per_s": workers / cpu_per_audio_s, "headroom": workers / cpu_per_audio_s / GOAL_AUDIO_S_PER_S}
 
 
