@@ -29,7 +29,7 @@ _EXPORTS = {
     "build_loader": "loader",
     "compare_records": "mix_lists",
     "corpus_summary": "mix_lists",
-    "epoch_layout": "mixing",
+    "epoch_layout": "mixing_config",
     "flag_counts": "mixing",
     "list_digests": "mix_lists",
     "load_mixing_lists": "mix_lists",
@@ -49,8 +49,8 @@ if TYPE_CHECKING:
     from .loader import ThreadPrefetcher, build_loader
     from .mix_lists import (CorpusStats, MixingCorpus, MixingReport, compare_records, corpus_summary, list_digests,
                             load_mixing_lists, mixing_record, validate_mixing)
-    from .mixing import JoinedDataset, MixingDataset, epoch_layout, flag_counts, mixing_training_set
-    from .mixing_config import MixingConfig
+    from .mixing import JoinedDataset, MixingDataset, flag_counts, mixing_training_set
+    from .mixing_config import MixingConfig, epoch_layout
     from .sampler import CursorSampler, EvalSampler, batches_per_epoch
     from .validation import Problem, ValidationReport, validate
 

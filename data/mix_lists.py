@@ -26,7 +26,7 @@ import soundfile as sf
 
 from .audio import describe_error
 from .errors import DataError
-from .index import FileIndex
+from .index import FileIndex, PairIndex
 from .mixing_config import MixingConfig
 from .validation import Header, Problem, _headers, _open_cache, _parallel, _stat
 
@@ -397,16 +397,23 @@ def list_digests(corpus: MixingCorpus) -> list[dict[str, Any]]:
     if corpus.rirs is not None:
         groups.append(("rir", corpus.rirs))
     for role, index in groups:
-        per_list = index.entries_per_list()
-        for list_id, lf in enumerate(index.lists):
-            h = hashlib.sha256()
-            with open(lf.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-            lines = np.ascontiguousarray(index.line_numbers[index.list_ids == list_id], dtype="<i8")
-            out.append({"role": role if index.column == 0 else "clean (pair lists)", "list": lf.display,
-                        "sha256": h.hexdigest(), "entries": int(per_list[list_id]),
-                        "kept_sha256": hashlib.sha256(lines.tobytes()).hexdigest()})
+        out += index_digests(role if index.column == 0 else "clean (pair lists)", index)
+    return out
+
+
+def index_digests(role: str, index: FileIndex | PairIndex) -> list[dict[str, Any]]:
+    """The records of :func:`list_digests` for the lists of one index (a FileIndex, or the PairIndex of the
+    pre-mixed pairs a mixing recipe also trains on), each under ``role``."""
+    out = []
+    per_list = index.entries_per_list()
+    for list_id, lf in enumerate(index.lists):
+        h = hashlib.sha256()
+        with open(lf.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        lines = np.ascontiguousarray(index.line_numbers[index.list_ids == list_id], dtype="<i8")
+        out.append({"role": role, "list": lf.display, "sha256": h.hexdigest(), "entries": int(per_list[list_id]),
+                    "kept_sha256": hashlib.sha256(lines.tobytes()).hexdigest()})
     return out
 
 
@@ -426,12 +433,14 @@ def mixing_record(config: MixingConfig, digests: list[dict[str, Any]], *, seed: 
     return {"settings": settings, "lists": digests, "digest": digest}
 
 
-def compare_records(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def compare_records(saved: dict[str, Any], current: dict[str, Any], *, kept: bool = True) -> list[str]:
     """What differs between a checkpoint's mixing record and this run's, one line each; [] when the same.
 
     Pure. The trainer refuses a resume when this is not empty, unless ``mixing.allow_changed_lists``.
+    ``kept=False`` leaves out which lines are in use (``kept_sha256``): for a record made from lists parsed but
+    not yet checked with ``skip_bad``, where the lines that checking will skip are not known yet.
     """
-    if saved.get("digest") == current.get("digest"):
+    if kept and saved.get("digest") == current.get("digest"):
         return []
     out = []
     a, b = saved.get("settings", {}), current.get("settings", {})
@@ -458,10 +467,12 @@ def compare_records(saved: dict[str, Any], current: dict[str, Any]) -> list[str]
             if a_["sha256"] != b_["sha256"]:
                 out.append(f"{role} list {k + 1} {name}: its content changed ({a_['entries']} entries used then, "
                            f"{b_['entries']} now)")
-            elif a_["kept_sha256"] != b_["kept_sha256"]:
+            elif kept and a_["kept_sha256"] != b_["kept_sha256"]:
                 out.append(f"{role} list {k + 1} {name}: other lines are skipped now ({a_['entries']} entries used "
                            f"then, {b_['entries']} now): a file went missing or bad, or skip_bad changed")
-    return out or ["the mixing record's digest differs (record written by another version?)"]
+    if out or not kept:
+        return out
+    return ["the mixing record's digest differs (record written by another version?)"]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from .dataset import CropDataset, _open, _read
 from .errors import DataError
 from .index import FileIndex
 from .mix_lists import MixingCorpus
-from .mixing_config import MixingConfig
+from .mixing_config import MixingConfig, epoch_layout
 
 # Per-sample flags (an int bitmask; ``flag_counts`` names them). The trainer sums them per logging interval.
 SILENT_CLEAN = 1  # the clean crop was silent: noise alone, all-zero target
@@ -456,30 +456,6 @@ def _pad(x: np.ndarray, length: int) -> np.ndarray:
     out = np.zeros(length, dtype=np.float32)
     out[: x.shape[0]] = x
     return out
-
-
-def epoch_layout(mixtures_per_epoch: int, premixed_pairs: int, premixed_share: float) -> tuple[int, int]:
-    """(pre-mixed pairs, mixtures) per epoch for ``premixed_share`` of pre-mixed pairs.
-
-    The pre-mixed count is ``round(share / (1 - share) · mixtures)``; it may not exceed the pairs there are
-    (a pair twice in an epoch would be the same crop twice). Pure.
-    """
-    if premixed_share == 0:
-        return 0, mixtures_per_epoch
-    if not 0 < premixed_share < 1:
-        raise DataError(f"mixing.premixed_share must be in [0, 1), got {premixed_share}")
-    count = round(premixed_share / (1 - premixed_share) * mixtures_per_epoch)
-    if count < 1:
-        raise DataError(f"mixing.premixed_share {premixed_share} of {mixtures_per_epoch} mixtures per epoch is less than "
-                        "one pre-mixed pair; raise the share or set it to 0")
-    if count > premixed_pairs:
-        most = premixed_pairs / (premixed_pairs + mixtures_per_epoch)
-        raise DataError(
-            f"mixing.premixed_share {premixed_share} with {mixtures_per_epoch} mixtures per epoch asks for {count} "
-            f"pre-mixed pairs per epoch, but data.train_list has {premixed_pairs}; the largest share without repeating "
-            f"a pair is {math.floor(most * 1000) / 1000}, or lower mixing.samples_per_epoch"
-        )
-    return count, mixtures_per_epoch
 
 
 class JoinedDataset(Dataset):

@@ -14,6 +14,26 @@ from .errors import DataError
 TARGETS = ("dry", "early", "reverberant")
 SHORT_NOISE = ("repeat", "pad")
 PEAK_POLICIES = ("scale", "clip")
+CHOICES = {"short_noise": SHORT_NOISE, "target": TARGETS, "peak_policy": PEAK_POLICIES}
+
+# The valid interval of every numeric setting (each end of a [low, high] pair, each weight): (low, high, low
+# open, high open), None where unbounded. The checks below and the recipe's ranges (launcher/config/sections.py)
+# both read this table, so the two never disagree.
+LIMITS: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "noise_weights": (0.0, None, True, False),
+    "noise_sources": (1, 16, False, False),
+    "source_level_db": (None, 0.0, False, False),
+    "snr_db": (-30.0, 60.0, False, False),
+    "speech_level_dbfs": (-80.0, 0.0, False, False),
+    "crossfade_ms": (0.0, 1000.0, False, False),
+    "rir_probability": (0.0, 1.0, False, False),
+    "rir_max_seconds": (0.0, 60.0, True, False),
+    "early_ms": (0.0, 1000.0, False, False),
+    "max_peak": (0.0, 1.0, True, False),
+    "silence_dbfs": (-200.0, 0.0, False, False),
+    "samples_per_epoch": (0, None, False, False),
+    "premixed_share": (0.0, 1.0, False, True),
+}
 
 
 @dataclass(frozen=True)
@@ -182,16 +202,14 @@ def _check(cfg: MixingConfig) -> list[str]:
         out.append(f"mixing.noise_weights: {len(w)} weight(s) for {len(cfg.noise_lists)} noise list(s); give one per list or none (equal)")
     elif any(v <= 0 for v in w):
         out.append(f"mixing.noise_weights: {list(w)}: every weight must be > 0 (remove a list instead of weighting it 0)")
-    out += _range(cfg, "noise_sources", integer=True, low=1, high=16)
-    out += _range(cfg, "source_level_db", high=0.0)
-    out += _range(cfg, "snr_db", low=-30.0, high=60.0)
-    out += _range(cfg, "speech_level_dbfs", low=-80.0, high=0.0)
-    for name, choices in (("short_noise", SHORT_NOISE), ("target", TARGETS), ("peak_policy", PEAK_POLICIES)):
+    for name in ("noise_sources", "source_level_db", "snr_db", "speech_level_dbfs"):
+        low, high, _, _ = LIMITS[name]
+        out += _range(cfg, name, integer=name == "noise_sources", low=low, high=high)
+    for name, choices in CHOICES.items():
         if getattr(cfg, name) not in choices:
             out.append(f"mixing.{name}: {getattr(cfg, name)!r} is not one of {', '.join(choices)}")
-    for name, low, high, open_low in (("crossfade_ms", 0.0, 1000.0, False), ("rir_probability", 0.0, 1.0, False),
-                                      ("rir_max_seconds", 0.0, 60.0, True), ("early_ms", 0.0, 1000.0, False),
-                                      ("max_peak", 0.0, 1.0, True), ("silence_dbfs", -200.0, 0.0, False)):
+    for name in ("crossfade_ms", "rir_probability", "rir_max_seconds", "early_ms", "max_peak", "silence_dbfs"):
+        low, high, open_low, _ = LIMITS[name]
         value = getattr(cfg, name)
         if not _number(value) or value > high or value < low or (open_low and value == low):
             out.append(f"mixing.{name}: {value!r} is not a number in {'(' if open_low else '['}{low:g}, {high:g}]")
@@ -206,3 +224,27 @@ def _check(cfg: MixingConfig) -> list[str]:
         if not isinstance(getattr(cfg, name), bool):
             out.append(f"mixing.{name}: {getattr(cfg, name)!r} is not true or false")
     return out
+
+
+def epoch_layout(mixtures_per_epoch: int, premixed_pairs: int, premixed_share: float) -> tuple[int, int]:
+    """(pre-mixed pairs, mixtures) per epoch for ``premixed_share`` of pre-mixed pairs.
+
+    The pre-mixed count is ``round(share / (1 - share) · mixtures)``; it may not exceed the pairs there are
+    (a pair twice in an epoch would be the same crop twice). Pure.
+    """
+    if premixed_share == 0:
+        return 0, mixtures_per_epoch
+    if not 0 < premixed_share < 1:
+        raise DataError(f"mixing.premixed_share must be in [0, 1), got {premixed_share}")
+    count = round(premixed_share / (1 - premixed_share) * mixtures_per_epoch)
+    if count < 1:
+        raise DataError(f"mixing.premixed_share {premixed_share} of {mixtures_per_epoch} mixtures per epoch is less than "
+                        "one pre-mixed pair; raise the share or set it to 0")
+    if count > premixed_pairs:
+        most = premixed_pairs / (premixed_pairs + mixtures_per_epoch)
+        raise DataError(
+            f"mixing.premixed_share {premixed_share} with {mixtures_per_epoch} mixtures per epoch asks for {count} "
+            f"pre-mixed pairs per epoch, but data.train_list has {premixed_pairs}; the largest share without repeating "
+            f"a pair is {math.floor(most * 1000) / 1000}, or lower mixing.samples_per_epoch"
+        )
+    return count, mixtures_per_epoch
