@@ -50,13 +50,47 @@ def normalize_level(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     if x.size == 0:
         return x.copy()
+    return x * np.float32(level_gain(x, TARGET_DBFS))
+
+
+def level_gain(x: np.ndarray, target_dbfs: float = TARGET_DBFS) -> float:
+    """The gain that :func:`normalize_level`'s rule applies to bring ``x`` to ``target_dbfs`` (active level).
+
+    1.0 for an empty input. Dynamic mixing sets speech to a drawn level with it, so a mixture's speech and a
+    pre-mixed pair's clean side are measured alike.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.size == 0:
+        return 1.0
+    target_rms = _TARGET_RMS if target_dbfs == TARGET_DBFS else 10.0 ** (target_dbfs / 20.0)
     rms = math.sqrt(float(np.dot(x, x)) / x.size)
-    gain = _TARGET_RMS / (rms + _EPS)
+    gain = target_rms / (rms + _EPS)
     active = x[np.abs(x) > rms]  # power above the mean power; scaling by gain does not change the set
     if active.size:
         active_rms = gain * math.sqrt(float(np.dot(active, active)) / active.size)
-        gain *= _TARGET_RMS / (active_rms + _EPS)
-    return x * np.float32(gain)
+        gain *= target_rms / (active_rms + _EPS)
+    return gain
+
+
+def rms_dbfs(x: np.ndarray) -> float:
+    """RMS level in dB relative to full scale (a full-scale square wave is 0 dBFS); -inf for silence."""
+    x = np.asarray(x, dtype=np.float32)
+    energy = float(np.dot(x, x)) if x.size else 0.0
+    return 10.0 * math.log10(energy / x.size) if energy > 0 else -math.inf
+
+
+def fast_fft_length(n: int) -> int:
+    """The smallest 2^a·3^b·5^c >= n: FFTs of awkward (e.g. prime) lengths are many times slower."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p2 = p35 * (1 << max(0, (-(-n // p35) - 1).bit_length()))
+            best = min(best, p2)
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 def describe_error(exc: BaseException, path: str) -> str:

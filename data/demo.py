@@ -1,4 +1,5 @@
-"""``python -m data.demo OUT_DIR``: write the synthetic 48 kHz demo corpus (see :mod:`data.demo_corpus`)."""
+"""``python -m data.demo OUT_DIR``: write the synthetic 48 kHz demo corpus and its lists for dynamic mixing
+(see :mod:`data.demo_corpus`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 import time
 
-from .demo_corpus import make_demo_corpus
+from .demo_corpus import MIXING_LISTS, make_demo_corpus
 from .errors import DataError
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"demo corpus in {paths['dir']} ({time.perf_counter() - start:.1f} s): train {paths['train']}, valid {paths['valid']}")
+    print("dynamic mixing lists: " + ", ".join(paths[name].name for name in MIXING_LISTS))
     return 0
 
 

@@ -14,6 +14,10 @@ closer to real speech but dependent on the espeak-ng version, hence off by defau
 
 Every file depends only on (seed, split, file number), so the corpus is the same on every machine and a
 corpus with more files extends a smaller one.
+
+For dynamic mixing the same folder also gets clean lists (the pairs' clean files), noise files of their own
+and synthetic room impulse responses, with their lists (:func:`make_mixing_material`); the pairs and their
+lists are byte for byte what they are without them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from .audio import fast_fft_length
 from .errors import DataError
 
 SAMPLE_RATE_HZ = 48000
@@ -66,23 +71,9 @@ def _overlap_add_filter(x: np.ndarray, gains: np.ndarray) -> np.ndarray:
     return y[_N_FFT : _N_FFT + n].astype(np.float64)
 
 
-def _fast_len(n: int) -> int:
-    """The smallest 2^a·3^b·5^c >= n: FFTs of awkward (e.g. prime) lengths are many times slower."""
-    best = 1 << max(0, (n - 1).bit_length())
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            p2 = p35 * (1 << max(0, (-(-n // p35) - 1).bit_length()))
-            best = min(best, p2)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 def _coloured(rng: np.random.Generator, num_samples: int, gain_of_hz) -> np.ndarray:
     """Gaussian noise shaped by ``gain_of_hz(freqs)``, unit standard deviation."""
-    size = _fast_len(num_samples)
+    size = fast_fft_length(num_samples)
     spectrum = np.fft.rfft(rng.standard_normal(size))
     spectrum *= gain_of_hz(np.fft.rfftfreq(size, 1.0 / SAMPLE_RATE_HZ))
     x = np.fft.irfft(spectrum, n=size)[:num_samples]
@@ -255,13 +246,19 @@ def make_demo_corpus(
     seconds: float = 2.5,
     use_espeak: bool = False,
     num_workers: int | None = None,
+    mixing: bool = True,
 ) -> dict[str, Path]:
-    """Write (or find already written) the demo corpus; returns ``{"train": train.lst, "valid": valid.lst, "dir": out}``.
+    """Write (or find already written) the demo corpus; returns ``{"train": train.lst, "valid": valid.lst, "dir": out}``
+    and, with ``mixing``, the lists for dynamic mixing under the keys of :data:`MIXING_LISTS`.
 
     Layout: ``train/noisy/0000.wav``, ``train/clean/0000.wav``, ..., ``valid/...``, and list files with
     relative paths and durations. 48 kHz mono 16-bit WAV; durations uniform in 0.8-1.2 x ``seconds``. Skips
     all work when ``out_dir`` already holds this exact corpus (same parameters, files present, lists intact).
     Files are written by ``num_workers`` processes (default: one per CPU); the result does not depend on it.
+
+    With ``mixing`` (the default) the folder also gets what dynamic mixing needs (see
+    :func:`make_mixing_material`): clean lists naming the pairs' clean files, noise files and synthetic room
+    impulse responses with their lists. The pairs and their lists are the same bytes either way.
     """
     if num_train < 1 or num_valid < 1:
         raise DataError(f"num_train and num_valid must be >= 1, got {num_train} and {num_valid}")
@@ -272,8 +269,16 @@ def make_demo_corpus(
     out = Path(out_dir)
     result = {"train": out / "train.lst", "valid": out / "valid.lst", "dir": out}
     params = _params(seed, num_train, num_valid, float(seconds), use_espeak)
-    if _is_complete(out, params):
-        return result
+    if not _is_complete(out, params):
+        _make_pairs(out, params, num_workers)
+    if mixing:
+        result.update(make_mixing_material(out, seed))
+    return result
+
+
+def _make_pairs(out: Path, params: dict, num_workers: int | None) -> None:
+    seed, num_train, num_valid = params["seed"], params["num_train"], params["num_valid"]
+    seconds, use_espeak = params["seconds"], params["use_espeak"]
     (out / _MANIFEST).unlink(missing_ok=True)
     tasks = [(str(out), seed, split_id, split, k, float(seconds), use_espeak)
              for split_id, (split, count) in enumerate((("train", num_train), ("valid", num_valid))) for k in range(count)]
@@ -302,7 +307,6 @@ def make_demo_corpus(
     tmp = out / f".{_MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, out / _MANIFEST)
-    return result
 
 
 def _remove_stale(out: Path, keep: dict[str, int]) -> None:
@@ -313,3 +317,111 @@ def _remove_stale(out: Path, keep: dict[str, int]) -> None:
             for path in folder.glob("*.wav"):
                 if f"{split}/{sub}/{path.name}" not in keep:
                     path.unlink()
+
+
+_MIX_MANIFEST = "demo_mixing.json"
+_MIX_VERSION = 1
+MIXING_LISTS = ("clean_train", "clean_valid", "noise_train", "noise_valid", "rir_train", "rir_valid")
+
+
+def synth_rir(rng: np.random.Generator) -> np.ndarray:
+    """A synthetic room impulse response: a direct path (the largest tap), early reflections, a diffuse tail.
+
+    The tail is Gaussian noise decaying by 60 dB over a reverberation time of 0.15-0.7 s, grown in over its
+    first 5 ms, its energy a direct-to-reverberant ratio of 0-10 dB below the direct path's. Peak 0.3-0.9.
+    """
+    sr = SAMPLE_RATE_HZ
+    rt60 = rng.uniform(0.15, 0.7)
+    delay = int(rng.uniform(0.001, 0.008) * sr)
+    n = delay + int(min(1.2 * rt60, 1.0) * sr)
+    h = np.zeros(n)
+    t = np.arange(n - delay) / sr
+    tail = rng.standard_normal(n - delay) * np.exp(-6.908 * t / rt60) * np.minimum(1.0, t / 0.005)
+    tail *= np.sqrt(1.0 / (np.sum(tail**2) * 10 ** (rng.uniform(0.0, 10.0) / 10)))
+    h[delay:] = tail
+    for _ in range(int(rng.integers(4, 11))):
+        h[delay + int(rng.uniform(0.002, 0.04) * sr)] += rng.uniform(-0.5, 0.5)
+    h[delay] = 1.0  # the direct path, above every reflection
+    return h * (rng.uniform(0.3, 0.9) / np.abs(h).max())
+
+
+def _mix_noise(rng: np.random.Generator) -> np.ndarray:
+    """A noise file for mixing: 3-6 s, or (3 in 10) 0.3-0.9 s so that short noise gets looped; -35 to -20 dBFS."""
+    seconds = rng.uniform(0.3, 0.9) if rng.random() < 0.3 else rng.uniform(3.0, 6.0)
+    x = synth_noise(rng, int(round(seconds * SAMPLE_RATE_HZ)))
+    x *= 10 ** (rng.uniform(-35.0, -20.0) / 20) / (np.sqrt(np.mean(x**2)) + 1e-12)
+    return x * min(1.0, 0.9 / (np.abs(x).max() + 1e-12))
+
+
+def make_mixing_material(out_dir: str | os.PathLike[str], seed: int = 777) -> dict[str, Path]:
+    """Lists for dynamic mixing beside a demo corpus already in ``out_dir``; returns them by name.
+
+    ``clean_train.lst`` / ``clean_valid.lst`` name the pairs' clean files (``path seconds``, from train.lst and
+    valid.lst); ``noise/{train,valid}/NNNN.wav`` are coloured noises as in the pairs but from their own
+    streams (seed, 2 or 3, number), some shorter than a second; ``rir/{train,valid}/NNNN.wav`` are synthetic
+    impulse responses (24-bit WAV; streams 4 and 5). Counts follow the corpus: max(4, train/8) and
+    max(2, valid/4) noises, max(4, train/12) and max(2, valid/5) responses. Deterministic; skipped when the
+    folder already holds exactly this material (its manifest, sizes and list digests agree).
+    """
+    out = Path(out_dir)
+    pair_lists = {split: (out / f"{split}.lst").read_text() for split in ("train", "valid")}
+    num = {split: sum(1 for line in text.splitlines() if line and not line.startswith("#")) for split, text in pair_lists.items()}
+    counts = {("noise", "train"): max(4, num["train"] // 8), ("noise", "valid"): max(2, num["valid"] // 4),
+              ("rir", "train"): max(4, num["train"] // 12), ("rir", "valid"): max(2, num["valid"] // 5)}
+    params = {"version": _MIX_VERSION, "seed": seed, "counts": {f"{k[0]}_{k[1]}": v for k, v in counts.items()},
+              "pair_lists": {s: hashlib.sha256(t.encode()).hexdigest() for s, t in pair_lists.items()}}
+    result = {name: out / f"{name}.lst" for name in MIXING_LISTS}
+    if _mixing_complete(out, params):
+        return result
+    (out / _MIX_MANIFEST).unlink(missing_ok=True)
+    files: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    for split, text in pair_lists.items():
+        lines = [f"{fields[1]} {fields[2]}\n" for fields in (line.split() for line in text.splitlines())
+                 if fields and not fields[0].startswith("#")]
+        texts[f"clean_{split}"] = f"# demo corpus: clean speech ({split}), seed {seed}; path duration_seconds\n" + "".join(lines)
+    streams = {("noise", "train"): 2, ("noise", "valid"): 3, ("rir", "train"): 4, ("rir", "valid"): 5}
+    for (kind, split), count in counts.items():
+        folder = out / kind / split
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = []
+        for k in range(count):
+            rng = np.random.default_rng([seed, streams[kind, split], k])
+            rel = f"{kind}/{split}/{k:04d}.wav"
+            if kind == "noise":
+                x = _mix_noise(rng)
+                sf.write(out / rel, x, SAMPLE_RATE_HZ, subtype="PCM_16")
+            else:
+                x = synth_rir(rng)
+                # 24-bit, not float: libsndfile stamps float WAVs with the time of writing (PEAK chunk).
+                sf.write(out / rel, x, SAMPLE_RATE_HZ, subtype="PCM_24")
+            files[rel] = (out / rel).stat().st_size
+            lines.append(f"{rel} {x.size / SAMPLE_RATE_HZ:.6f}\n")
+        for stale in folder.glob("*.wav"):
+            if f"{kind}/{split}/{stale.name}" not in files:
+                stale.unlink()
+        texts[f"{kind}_{split}"] = f"# demo corpus: {kind} ({split}), seed {seed}; path duration_seconds\n" + "".join(lines)
+    digests = {}
+    for name, text in texts.items():
+        (out / f"{name}.lst").write_text(text)
+        digests[f"{name}.lst"] = [len(text.encode()), hashlib.sha256(text.encode()).hexdigest()]
+    tmp = out / f".{_MIX_MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"params": params, "files": files, "lists": digests}, indent=1, sort_keys=True))
+    os.replace(tmp, out / _MIX_MANIFEST)
+    return result
+
+
+def _mixing_complete(out: Path, params: dict) -> bool:
+    try:
+        manifest = json.loads((out / _MIX_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("params") != params:
+        return False
+    for name, (_, digest) in manifest.get("lists", {}).items():
+        try:
+            if hashlib.sha256((out / name).read_bytes()).hexdigest() != digest:
+                return False
+        except OSError:
+            return False
+    return all((out / name).is_file() and (out / name).stat().st_size == size for name, size in manifest.get("files", {}).items())

@@ -1,8 +1,12 @@
-"""List files of noisy/clean pairs, parsed into compact arrays.
+"""List files of noisy/clean pairs, and of single audio files, parsed into compact arrays.
 
-Format, one pair a line (the reference recipe's ``.scp`` lists)::
+Format, one pair a line (the reference recipe's ``.scp`` lists; :class:`PairIndex`)::
 
     noisy_path clean_path [duration_seconds]
+
+or one file a line (clean speech, noise and room-impulse-response lists for mixing; :class:`FileIndex`)::
+
+    path [duration_seconds]
 
 Fields are separated by ASCII whitespace (spaces or tabs; ``\\r\\n`` line ends are fine). A field that starts
 with ``#`` opens a comment that runs to the end of the line, so whole-line and trailing comments both work,
@@ -83,11 +87,12 @@ def split_fields(line: bytes) -> list[bytes]:
     return fields
 
 
-def _scan_chunk(buf: bytes, final: bool) -> dict[str, np.ndarray] | None:
+def _scan_chunk(buf: bytes, final: bool, path_fields: int = 2) -> dict[str, np.ndarray] | None:
     """Parse whole lines in ``buf`` (which ends with a newline unless ``final``) without a per-line loop.
 
-    Returns line-relative arrays: ``line_start`` for every line, ``ok_line``/``duration`` for pair lines,
-    ``bad_line``/``bad_code``/``bad_fields`` for malformed ones.
+    A good line holds ``path_fields`` paths and an optional duration. Returns line-relative arrays:
+    ``line_start`` for every line, ``ok_line``/``duration`` for good lines, ``bad_line``/``bad_code``/
+    ``bad_fields`` for malformed ones.
     """
     arr = np.frombuffer(buf, dtype=np.uint8)
     n = arr.size
@@ -121,18 +126,18 @@ def _scan_chunk(buf: bytes, final: bool) -> dict[str, np.ndarray] | None:
         starts, ends, token_line = starts[kept], ends[kept], token_line[kept]
 
     counts = np.bincount(token_line, minlength=num_lines)
-    ok_line = np.flatnonzero((counts == 2) | (counts == 3))
+    ok_line = np.flatnonzero((counts == path_fields) | (counts == path_fields + 1))
     first = np.searchsorted(token_line, ok_line)
     duration = np.full(ok_line.size, np.nan, dtype=np.float32)
     bad_duration = np.zeros(ok_line.size, dtype=bool)
-    has_duration = counts[ok_line] == 3
+    has_duration = counts[ok_line] == path_fields + 1
     if has_duration.any():
-        field = first[has_duration] + 2
+        field = first[has_duration] + path_fields
         values = _parse_durations(arr, starts[field], ends[field])
         duration[has_duration] = values
         bad_duration[has_duration] = ~(np.isfinite(values) & (values >= 0))
 
-    field_count_bad = np.flatnonzero((counts != 0) & (counts != 2) & (counts != 3))
+    field_count_bad = np.flatnonzero((counts != 0) & (counts != path_fields) & (counts != path_fields + 1))
     duration_bad = ok_line[bad_duration]
     bad_line = np.concatenate([field_count_bad, duration_bad])
     bad_code = np.concatenate(
@@ -184,7 +189,7 @@ def _float_or_nan(text: bytes) -> float:
         return math.nan
 
 
-def _parse_list(path: Path, chunk_bytes: int) -> tuple[ListFile, dict[str, np.ndarray]]:
+def _parse_list(path: Path, chunk_bytes: int, path_fields: int = 2) -> tuple[ListFile, dict[str, np.ndarray]]:
     try:
         f = open(path, "rb", buffering=0)
     except FileNotFoundError:
@@ -211,7 +216,7 @@ def _parse_list(path: Path, chunk_bytes: int) -> tuple[ListFile, dict[str, np.nd
                     carry = buf
                     continue
                 buf, carry = buf[:cut], buf[cut:]
-            res = _scan_chunk(buf, final)
+            res = _scan_chunk(buf, final, path_fields)
             if res is not None:
                 line_start = res["line_start"] + base_offset
                 parts["offset"].append(line_start[res["ok_line"]].astype(offset_dtype))
@@ -244,13 +249,15 @@ def _join(chunks: list[np.ndarray], dtype) -> np.ndarray:
     return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
 
 
-class PairIndex:
-    """Noisy/clean pairs from one or more list files, in compact arrays (see the module docstring).
+class _ListIndex:
+    """What every parsed list shares: compact per-line arrays, ``list:line`` locations, lines read on demand.
 
-    ``index.noisy(i)``, ``index.clean(i)`` and ``index.pair(i)`` return absolute (or list-relative resolved)
-    paths; ``index.where(i)`` is ``"list:line"`` for messages; ``index.duration_seconds(i)`` is the duration
-    from the list or from validation (NaN when neither gave one). Picklable at the cost of its arrays only.
+    Subclasses say how many path fields a line holds (``path_fields``) and what a line looks like
+    (``line_format``, used in messages).
     """
+
+    path_fields = 2
+    line_format = "noisy clean [duration]"
 
     def __init__(
         self,
@@ -271,13 +278,7 @@ class PairIndex:
         self._pid = os.getpid()
 
     @classmethod
-    def from_lists(cls, paths: Iterable[str | os.PathLike[str]], *, strict: bool = True, chunk_bytes: int = 8 << 20) -> "PairIndex":
-        """Parse list files into one index, in the given order.
-
-        With ``strict=True`` any malformed line raises a DataError listing every malformed line as
-        ``list:line: "text": reason``; with ``strict=False`` they are kept in ``index.malformed`` for
-        :func:`data.validate` to report (and skip, with ``skip_bad``).
-        """
+    def _from_lists(cls, paths, strict: bool, chunk_bytes: int, **extra):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         paths = [Path(p) for p in paths]
@@ -285,9 +286,10 @@ class PairIndex:
             raise DataError("no list files given")
         if len(paths) > _MAX_LISTS:
             raise DataError(f"{len(paths)} list files given; at most {_MAX_LISTS} are supported (concatenate them)")
+        path_fields = extra.get("path_fields", cls.path_fields)
         infos, parsed = [], []
         for p in paths:
-            info, arrays = _parse_list(p, chunk_bytes)
+            info, arrays = _parse_list(p, chunk_bytes, path_fields)
             infos.append(info)
             parsed.append(arrays)
         counts = [a["offset"].size for a in parsed]
@@ -307,17 +309,19 @@ class PairIndex:
                 np.concatenate([a["bad_code"] for a in parsed]),
                 np.concatenate([a["bad_fields"] for a in parsed]),
             ),
+            **extra,
         )
         if strict and len(index.malformed):
             lines = list(index.malformed_problems())
             raise DataError(f"{len(lines)} malformed line(s) in the list files:\n" + "\n".join(lines))
         return index
 
+    def _extra(self) -> dict:
+        """Constructor arguments beyond the arrays (kept by subset and with_durations)."""
+        return {}
+
     def __len__(self) -> int:
         return int(self._offset.size)
-
-    def __repr__(self) -> str:
-        return f"PairIndex({len(self)} pairs from {len(self.lists)} list(s), {len(self.malformed)} malformed line(s), {self.nbytes / 1e6:.1f} MB)"
 
     @property
     def nbytes(self) -> int:
@@ -334,49 +338,52 @@ class PairIndex:
         return float(self._duration[i])
 
     def list_id(self, i: int) -> int:
-        """Position in ``index.lists`` of the list file that holds pair ``i``."""
+        """Position in ``index.lists`` of the list file that holds entry ``i``."""
         return int(self._list_id[i])
 
-    def pairs_per_list(self) -> np.ndarray:
+    def entries_per_list(self) -> np.ndarray:
         return np.bincount(self._list_id, minlength=len(self.lists))
 
     def line_number(self, i: int) -> int:
         return int(self._line_no[i])
 
+    @property
+    def line_numbers(self) -> np.ndarray:
+        """1-based line numbers of the entries, in index order (read-only view)."""
+        view = self._line_no.view()
+        view.flags.writeable = False
+        return view
+
+    @property
+    def list_ids(self) -> np.ndarray:
+        """Position in ``lists`` of each entry's list file (read-only view)."""
+        view = self._list_id.view()
+        view.flags.writeable = False
+        return view
+
     def where(self, i: int) -> str:
         return f"{self.lists[int(self._list_id[i])].display}:{int(self._line_no[i])}"
 
-    def pair(self, i: int) -> tuple[str, str]:
-        """(noisy path, clean path) of pair ``i``: one read of its list line."""
+    def _fields(self, i: int) -> list[bytes]:
         if not -len(self) <= i < len(self):
-            raise IndexError(f"pair {i} out of range for an index of {len(self)} pairs")
-        list_id = int(self._list_id[i])
-        fields = split_fields(self._read_line(list_id, int(self._offset[i])))
-        if len(fields) not in (2, 3):
-            raise DataError(f"{self.where(i)}: the list line no longer holds a pair; was the list rewritten?")
-        folder = self.lists[list_id].folder
-        return _resolve(folder, fields[0]), _resolve(folder, fields[1])
+            raise IndexError(f"entry {i} out of range for an index of {len(self)} entries")
+        fields = split_fields(self._read_line(int(self._list_id[i]), int(self._offset[i])))
+        if len(fields) not in (self.path_fields, self.path_fields + 1):
+            raise DataError(f"{self.where(i)}: the list line no longer holds '{self.line_format}'; was the list rewritten?")
+        return fields
 
-    def noisy(self, i: int) -> str:
-        return self.pair(i)[0]
-
-    def clean(self, i: int) -> str:
-        return self.pair(i)[1]
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        for i in range(len(self)):
-            yield self.pair(i)
-
-    def subset(self, keep: np.ndarray) -> "PairIndex":
-        """A new index of the selected pairs (boolean mask or integer positions), malformed lines dropped."""
+    def subset(self, keep: np.ndarray):
+        """A new index of the selected entries (boolean mask or integer positions), malformed lines dropped."""
         keep = np.asarray(keep)
-        return PairIndex(self.lists, self._list_id[keep], self._line_no[keep], self._offset[keep], self._duration[keep])
+        return type(self)(self.lists, self._list_id[keep], self._line_no[keep], self._offset[keep], self._duration[keep],
+                          **self._extra())
 
-    def with_durations(self, durations: np.ndarray) -> "PairIndex":
+    def with_durations(self, durations: np.ndarray):
         durations = np.asarray(durations, dtype=np.float32)
         if durations.shape != self._duration.shape:
             raise ValueError(f"expected {self._duration.shape} durations, got {durations.shape}")
-        return PairIndex(self.lists, self._list_id, self._line_no, self._offset, durations, self.malformed)
+        return type(self)(self.lists, self._list_id, self._line_no, self._offset, durations, self.malformed,
+                          **self._extra())
 
     def malformed_problems(self) -> Iterator[str]:
         """``list:line: "text": reason`` for every malformed line."""
@@ -393,10 +400,10 @@ class PairIndex:
                 shown = shown[:117] + "..."
             if m.code[k] == MALFORMED_FIELD_COUNT:
                 n = int(m.num_fields[k])
-                reason = f"expected 'noisy clean [duration]', found {n} field{'s' if n != 1 else ''}"
+                reason = f"expected '{self.line_format}', found {n} field{'s' if n != 1 else ''}"
             else:
                 fields = split_fields(line)
-                value = fields[2].decode("utf-8", errors="replace") if len(fields) > 2 else "?"
+                value = fields[self.path_fields].decode("utf-8", errors="replace") if len(fields) > self.path_fields else "?"
                 reason = f"duration {value!r} is not a finite number >= 0"
             yield list_id, int(m.line_no[k]), f'"{shown}"', reason
 
@@ -457,6 +464,93 @@ class PairIndex:
         self.__dict__.update(state)
         self._fds = {}
         self._pid = os.getpid()
+
+
+class PairIndex(_ListIndex):
+    """Noisy/clean pairs from one or more list files, in compact arrays (see the module docstring).
+
+    ``index.noisy(i)``, ``index.clean(i)`` and ``index.pair(i)`` return absolute (or list-relative resolved)
+    paths; ``index.where(i)`` is ``"list:line"`` for messages; ``index.duration_seconds(i)`` is the duration
+    from the list or from validation (NaN when neither gave one). Picklable at the cost of its arrays only.
+    """
+
+    @classmethod
+    def from_lists(cls, paths: Iterable[str | os.PathLike[str]], *, strict: bool = True, chunk_bytes: int = 8 << 20) -> "PairIndex":
+        """Parse list files into one index, in the given order.
+
+        With ``strict=True`` any malformed line raises a DataError listing every malformed line as
+        ``list:line: "text": reason``; with ``strict=False`` they are kept in ``index.malformed`` for
+        :func:`data.validate` to report (and skip, with ``skip_bad``).
+        """
+        return cls._from_lists(paths, strict, chunk_bytes)
+
+    def __repr__(self) -> str:
+        return f"PairIndex({len(self)} pairs from {len(self.lists)} list(s), {len(self.malformed)} malformed line(s), {self.nbytes / 1e6:.1f} MB)"
+
+    def pairs_per_list(self) -> np.ndarray:
+        return self.entries_per_list()
+
+    def pair(self, i: int) -> tuple[str, str]:
+        """(noisy path, clean path) of pair ``i``: one read of its list line."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair {i} out of range for an index of {len(self)} pairs")
+        fields = self._fields(i)
+        folder = self.lists[int(self._list_id[i])].folder
+        return _resolve(folder, fields[0]), _resolve(folder, fields[1])
+
+    def noisy(self, i: int) -> str:
+        return self.pair(i)[0]
+
+    def clean(self, i: int) -> str:
+        return self.pair(i)[1]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        for i in range(len(self)):
+            yield self.pair(i)
+
+
+class FileIndex(_ListIndex):
+    """Single audio files (clean speech, noise, room impulse responses) from list files, compactly.
+
+    Two formats. ``FileIndex.from_lists``: one file a line, ``path [duration_seconds]``.
+    ``FileIndex.from_pair_lists``: the reference's ``noisy clean [duration_seconds]`` pair lists, of which the
+    clean column is used (so a corpus of pre-mixed pairs doubles as clean speech for mixing). Comments, blank
+    lines, relative paths and durations follow the pair-list rules of the module docstring.
+    ``index.path(i)`` is the file of entry ``i``; ``where(i)`` is ``"list:line"``.
+    """
+
+    def __init__(self, lists, list_id, line_no, offset, duration, malformed=None, *, path_fields: int = 1, column: int = 0) -> None:
+        if path_fields not in (1, 2) or not 0 <= column < path_fields:
+            raise ValueError(f"path_fields must be 1 or 2 and column one of its fields, got {path_fields}, {column}")
+        super().__init__(lists, list_id, line_no, offset, duration, malformed)
+        self.path_fields = path_fields
+        self.column = column
+        self.line_format = "path [duration]" if path_fields == 1 else "noisy clean [duration]"
+
+    @classmethod
+    def from_lists(cls, paths: Iterable[str | os.PathLike[str]], *, strict: bool = True, chunk_bytes: int = 8 << 20) -> "FileIndex":
+        """Lists of one file a line (``path [duration]``); ``strict`` as in :meth:`PairIndex.from_lists`."""
+        return cls._from_lists(paths, strict, chunk_bytes, path_fields=1, column=0)
+
+    @classmethod
+    def from_pair_lists(cls, paths: Iterable[str | os.PathLike[str]], *, strict: bool = True, chunk_bytes: int = 8 << 20) -> "FileIndex":
+        """The clean column of ``noisy clean [duration]`` pair lists."""
+        return cls._from_lists(paths, strict, chunk_bytes, path_fields=2, column=1)
+
+    def _extra(self) -> dict:
+        return {"path_fields": self.path_fields, "column": self.column}
+
+    def __repr__(self) -> str:
+        kind = "files" if self.path_fields == 1 else "clean files of pair lists"
+        return f"FileIndex({len(self)} {kind} from {len(self.lists)} list(s), {len(self.malformed)} malformed line(s))"
+
+    def path(self, i: int) -> str:
+        """The audio file of entry ``i`` (resolved against its list's folder): one read of its list line."""
+        return _resolve(self.lists[int(self._list_id[i])].folder, self._fields(i)[self.column])
+
+    def __iter__(self) -> Iterator[str]:
+        for i in range(len(self)):
+            yield self.path(i)
 
 
 def _resolve(folder: str, token: bytes) -> str:

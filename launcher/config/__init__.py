@@ -10,13 +10,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from launcher.config.sections import (HOLDS, LR_RULES, RANGES, WARMUP_AUTO, BatchSection, Config, ConfigError,
-                                      CudaSection, DataSection, ModelSection, OptimSection, Range, ScheduleSection,
-                                      TrainSection)
+                                      CudaSection, DataSection, MixingSection, ModelSection, OptimSection, Range,
+                                      ScheduleSection, TrainSection)
 
 _LOAD = ("ACCUMULATION_KEYS", "config_to_dict", "dump_yaml", "load_config", "load_config_with_origins",
          "parse_override", "replace_section")
 __all__ = ["HOLDS", "LR_RULES", "RANGES", "WARMUP_AUTO", "BatchSection", "Config", "ConfigError", "CudaSection",
-           "DataSection", "ModelSection", "OptimSection", "Range", "ScheduleSection", "TrainSection", *_LOAD]
+           "DataSection", "MixingSection", "ModelSection", "OptimSection", "Range", "ScheduleSection", "TrainSection", *_LOAD]
 
 if TYPE_CHECKING:
     from launcher.config.load import (ACCUMULATION_KEYS, config_to_dict, dump_yaml, load_config,

@@ -44,11 +44,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         raise ConfigError(f"{where}: expected {' or '.join(repr(a) for a in args)}, got {value!r}")
     if origin is tuple:
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
-        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+        return _coerce_tuple(value, args, where)
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -80,6 +76,21 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return str(value)
     return value
+
+
+def _coerce_tuple(value: Any, args: tuple[Any, ...], where: str) -> tuple[Any, ...]:
+    """A list of any length (`tuple[str, ...]`: one path needs no brackets) or of exactly len(args) values."""
+    if isinstance(value, str):
+        value = yaml.safe_load(value)
+        if isinstance(value, str) and args[-1] is Ellipsis:
+            value = [value]
+    if args[-1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if not isinstance(value, (list, tuple)) or len(value) != len(args):
+        raise ConfigError(f"{where}: expected a list of {len(args)} numbers, got {value!r}")
+    return tuple(_coerce(v, a, where) for v, a in zip(value, args))
 
 
 def _build_section(cls: type, values: dict[str, Any], where: str,
@@ -190,15 +201,18 @@ def load_config_with_origins(path: str | Path | None = None, overrides: typing.I
     _merge(raw, layer, "overrides")
     sections = _section_types()
     built = {}
-    for name, cls in sections.items():
-        try:
+    try:
+        for name, cls in sections.items():
             built[name] = _build_section(cls, raw.get(name, {}), f"{where}:{name}", origins)
-        except ConfigError as e:
-            if e.key is None:
-                raise
-            # A value out of range: say which layer set it.
-            raise ConfigError(f"{origins.get(e.key, 'built-in defaults')}: {e}", e.key) from None
-    return Config(**built), origins
+        return Config(**built), origins
+    except ConfigError as e:
+        if e.key is None:
+            raise
+        # A value out of range, or keys that contradict each other: say which layer set the one named, else (a
+        # key left at its default, e.g. the noise lists that clean lists need) the layers that set its section.
+        section_layers = dict.fromkeys(o for (section, _), o in origins.items() if section == e.key[0])
+        where = origins.get(e.key) or "; ".join(section_layers) or "built-in defaults"
+        raise ConfigError(f"{where}: {e}", e.key) from None
 
 
 def replace_section(cfg: Config, section: str, **changes: Any) -> Config:

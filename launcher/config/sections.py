@@ -3,7 +3,7 @@
 Each component receives only its own section (`build_model(cfg.model.preset)`, the data pipeline gets
 `cfg.data`, ...). A value outside its range is refused when the section is built, naming the key, the value
 and the range; `launcher.config.load` says which layer (recipe file, command line) set it. Only the standard
-library is imported here.
+library and data/mixing_config.py (standard library only) are imported here.
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from data.errors import DataError
+from data.mixing_config import CHOICES as MIXING_CHOICES
+from data.mixing_config import LIMITS as MIXING_LIMITS
+from data.mixing_config import MixingConfig
 
 # The planner's vocabulary, as the recipe spells it (launcher/plan/rules.py gives each its meaning).
 HOLDS = ("accumulation", "global_batch")  # what a new micro-batch or world keeps; the first is the default
@@ -114,6 +119,15 @@ RANGES: dict[str, dict[str, Range | str]] = {
         "eval_metric_workers": _at_least(0), "step_timeout_s": _POSITIVE, "slow_phase_timeout_s": _POSITIVE,
     },
     "cuda": {},  # true/false switches only
+    # Dynamic mixing: the numbers of data/mixing_config.py, whose own checks then add what spans keys (low <=
+    # high, weights per noise list, a target that needs impulse responses).
+    "mixing": {
+        **{key: _NON_EMPTY for key in ("clean_lists", "clean_pair_lists", "noise_lists", "rir_lists", "valid_clean_lists",
+                                       "valid_clean_pair_lists", "valid_noise_lists", "valid_rir_lists")},
+        **{key: Range(low=low, high=high, low_open=low_open, high_open=high_open)
+           for key, (low, high, low_open, high_open) in MIXING_LIMITS.items()},
+        **{key: Range(choices=choices) for key, choices in MIXING_CHOICES.items()},
+    },
 }
 
 
@@ -124,8 +138,9 @@ def _check_ranges(section_obj: Any, section: str) -> None:
         if value is None:
             continue
         if rule == _NON_EMPTY:
-            if not str(value).strip():
-                raise ConfigError(f"{section}.{key} must be a non-empty string, got {value!r}", (section, key))
+            if any(not str(item).strip() for item in (value if isinstance(value, tuple) else (value,))):
+                what = "a list of non-empty strings" if isinstance(value, tuple) else "a non-empty string"
+                raise ConfigError(f"{section}.{key} must be {what}, got {value!r}", (section, key))
             continue
         for item in (value if isinstance(value, tuple) else (value,)):
             if not rule.holds(item):
@@ -281,6 +296,28 @@ class CudaSection:
 
 
 @dataclass(frozen=True)
+class MixingSection(MixingConfig):
+    """Dynamic mixing (off unless clean lists are named): the keys and their meaning are data/mixing_config.py's
+    MixingConfig, the README's "Dynamic mixing" lists them with their defaults.
+
+    Each key's range is checked first (the error names the key and the layer that set it), then MixingConfig's
+    own checks across keys; the first key such a check names is the one whose layer the error names.
+    """
+
+    def __post_init__(self) -> None:
+        _check_ranges(self, "mixing")
+        try:
+            super().__post_init__()
+        except DataError as e:
+            text = str(e)
+            named = text.split("mixing.", 1)[1].split(":", 1)[0].split(" ", 1)[0] if "mixing." in text else None
+            raise ConfigError(text, ("mixing", named) if named in _MIXING_KEYS else None) from None
+
+
+_MIXING_KEYS = frozenset(RANGES["mixing"]) | {"renormalize", "allow_changed_lists"}
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -289,3 +326,32 @@ class Config:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     train: TrainSection = field(default_factory=TrainSection)
     cuda: CudaSection = field(default_factory=CudaSection)
+    mixing: MixingSection = field(default_factory=MixingSection)
+
+    def __post_init__(self) -> None:
+        _check_training_data(self.data, self.mixing, self.train)
+
+
+def _check_training_data(d: DataSection, m: MixingSection, t: TrainSection) -> None:
+    """Refuse a list or mixing key that the run would not use: what the recipe says it trains on is what it
+    trains on."""
+    if not m.enabled:
+        for key, off in (("premixed_share", 0.0), ("samples_per_epoch", 0)):
+            if getattr(m, key) != off:
+                raise ConfigError(f"mixing.{key} is {getattr(m, key)!r} but mixing is off (no mixing.clean_lists or "
+                                  f"mixing.clean_pair_lists): name the clean speech, or leave mixing.{key} at {off!r}",
+                                  ("mixing", key))
+        return
+    if m.premixed_share > 0 and not d.train_list:
+        raise ConfigError(f"mixing.premixed_share {m.premixed_share:g} asks for that share of pre-mixed pairs per "
+                          "epoch, but data.train_list (the pairs) is not set: name it, or set mixing.premixed_share=0",
+                          ("mixing", "premixed_share"))
+    if m.premixed_share == 0 and d.train_list:
+        raise ConfigError(f"data.train_list {d.train_list} would not be used: with mixing on, every training pair is "
+                          "mixed unless mixing.premixed_share > 0 asks for a share of pre-mixed pairs; set "
+                          "data.train_list=none, or mixing.premixed_share in (0, 1)", ("data", "train_list"))
+    if m.valid_enabled and d.valid_list and not t.eval_interval_epochs:
+        raise ConfigError(f"data.valid_list {d.valid_list} would not be used: validation mixes mixing.valid_clean_lists"
+                          "/valid_clean_pair_lists, and only train.eval_interval_epochs (0 here) scores the files of "
+                          "data.valid_list; set data.valid_list=none, or train.eval_interval_epochs",
+                          ("data", "valid_list"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from rich.console import Console, Group
@@ -113,7 +113,8 @@ def _engine_text(plan: Plan, ds_config: Mapping[str, Any]) -> str:
     return engine
 
 
-def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | None, recipe: str | None) -> Table:
+def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | None, recipe: str | None,
+              data_rows: Sequence[tuple[str, str]]) -> Table:
     rows = _grid()
     rows.add_row("audio per update",
                  f"{plan.global_batch} × {plan.segment_seconds:g} s = {_seconds(plan.audio_seconds_per_update)}")
@@ -124,6 +125,8 @@ def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | No
                      + (f" ({dropped} samples dropped per epoch)" if dropped else ""))
     else:
         rows.add_row("steps per epoch", "unknown (give --dataset_size)")
+    for label, text in data_rows:
+        rows.add_row(label, text)
     rows.add_row("per GPU", f"{plan.samples_per_gpu_per_update} samples per update "
                             f"(the reference's effec_batch_size)")
     if plan.resumed_from is not None:
@@ -145,11 +148,14 @@ def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | No
 
 
 def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
-         recipe: str | None = None, memory: MemoryEstimate | None = None) -> Panel:
+         recipe: str | None = None, memory: MemoryEstimate | None = None,
+         data_rows: Sequence[tuple[str, str]] = ()) -> Panel:
+    """The card; `data_rows` are (label, text) rows on what is trained on, from whoever read the lists (the planner
+    reads none)."""
     nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''} × {plan.gpus_per_node} GPUs"
     head = Text(plan.headline, style="bold")
     legend = Text(f"per-GPU micro-batch × accumulation × world ({nodes}) = global batch", style="dim")
-    parts = [head, legend, Text(""), _origin_rows(plan, nodes), Text(""), _run_rows(plan, ds_spec, ds_config, recipe)]
+    parts = [head, legend, Text(""), _origin_rows(plan, nodes), Text(""), _run_rows(plan, ds_spec, ds_config, recipe, data_rows)]
     for warning in plan.warnings:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     if memory is not None:
@@ -158,12 +164,15 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
 
 
 def print_card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
-               recipe: str | None = None, file: IO[str] | None = None, memory: MemoryEstimate | None = None) -> None:
-    Console(file=file, highlight=False, soft_wrap=False).print(card(plan, ds_spec, ds_config, recipe, memory))
+               recipe: str | None = None, file: IO[str] | None = None, memory: MemoryEstimate | None = None,
+               data_rows: Sequence[tuple[str, str]] = ()) -> None:
+    Console(file=file, highlight=False, soft_wrap=False).print(card(plan, ds_spec, ds_config, recipe, memory,
+                                                                    data_rows))
 
 
 def print_plan(plan: Plan, ds_config: dict[str, Any] | None = None, *, ds_spec: str | None = None,
-               recipe: str | None = None, file: Any = None, model_preset: str | None = None) -> None:
+               recipe: str | None = None, file: Any = None, model_preset: str | None = None,
+               data_rows: Sequence[tuple[str, str]] = ()) -> None:
     """The rich plan card on stdout (or `file`); with `model_preset`, its per-GPU memory estimate too."""
     memory = None
     if model_preset is not None and ds_config is not None:
@@ -171,4 +180,4 @@ def print_plan(plan: Plan, ds_config: dict[str, Any] | None = None, *, ds_spec: 
             memory = estimate_for(plan, ds_config, model_preset)
         except MemoryEstimateError:
             memory = None  # a preset without a parameter count: the card shows the plan alone
-    print_card(plan, ds_spec, ds_config, recipe=recipe, file=file, memory=memory)
+    print_card(plan, ds_spec, ds_config, recipe=recipe, file=file, memory=memory, data_rows=data_rows)

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from launcher.config import ConfigError, load_config
+from launcher.config import Config, ConfigError, load_config
 from launcher.plan.card import print_plan
 from launcher.plan.ds_config import DEFAULT_PRESET
 from launcher.plan.memory import MemoryEstimateError
@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def mixing_rows(cfg: Config) -> list[tuple[str, str]]:
+    """The card's "trained on" row for a mixing recipe, from its settings alone: the planner reads no list
+    (launcher/train.py --dry_run does, and shows the hours, the mixtures per epoch and the steps per epoch)."""
+    m = cfg.mixing
+    if not m.enabled:
+        return []
+    clean, noise = len(m.clean_lists) + len(m.clean_pair_lists), len(m.noise_lists)
+    rir = (f"RIR on {m.rir_probability:.0%} of mixtures ({m.target} target)" if m.rir_lists and m.rir_probability
+           else "no RIR")
+    premixed = f", {m.premixed_share:.0%} pre-mixed pairs of {cfg.data.train_list}" if m.premixed_share else ""
+    return [("trained on", f"dynamic: {clean} clean × {noise} noise list(s), SNR {m.snr_db[0]:g} to {m.snr_db[1]:g} "
+                           f"dB, {rir}{premixed}; launcher/train.py --dry_run reads the lists")]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -69,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             out["suggestion"] = suggestion.to_dict()
         print(json.dumps(out, indent=2))
     else:
-        print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset)
+        print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset,
+                   data_rows=mixing_rows(cfg))
         if suggestion is not None:
             print_suggestion(suggestion)
     return 0

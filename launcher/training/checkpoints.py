@@ -87,7 +87,7 @@ class Checkpoints:
             ckpt_dir, tag, marker = self.targets.next(usable=self._same_engine)
         state = marker["state"]
         for name, obj in self.states.items():
-            obj.load_state_dict(state[name])
+            obj.load_state_dict(state.get(name))  # None: a state the checkpoint's run did not have (mixing)
         self.best_tag = state.get("best_tag")
         same_world = marker["world_size"] == self.world_size
         rng_restored = same_world and restore_rng(ckpt_dir, tag, self.rank)

@@ -23,31 +23,31 @@ from launcher.plan.card import print_plan
 from launcher.plan.request import checkpoint_hold, plan_from_args
 from launcher.plan.rules import Plan, PlanError
 from launcher.training.errors import TrainingAborted
+from launcher.training.trained_on import TrainedOn, check_resume, mixing_list_paths, read_trained_on
 
 
-def resolve(args: argparse.Namespace, env: DistEnv) -> tuple[Config, Plan, dict]:
-    """Config and plan for this world; raises ConfigError/PlanError/DataError/PreflightError/EnvError.
+def resolve(args: argparse.Namespace, env: DistEnv) -> tuple[Config, Plan, dict, TrainedOn]:
+    """Config, plan and what is trained on, for this world; raises ConfigError/PlanError/DataError/PreflightError/
+    EnvError.
 
-    With --resume and a checkpoint to continue, the plan holds that checkpoint's global batch and LR.
+    With --resume and a checkpoint to continue, the plan holds that checkpoint's global batch and LR, and a
+    mixing recipe must mix what the checkpoint mixed (or say mixing.allow_changed_lists).
     """
-    from data import PairIndex
-
     cfg = load_config(args.config, list(args.overrides))
     if args.run_dir:
         cfg = replace_section(cfg, "train", run_dir=args.run_dir)
-    dataset_size = None
-    if cfg.data.train_list and Path(cfg.data.train_list).is_file():
-        # Format only (no file is opened): the dry run stays fast on millions of lines.
-        dataset_size = len(PairIndex.from_lists([cfg.data.train_list], strict=not cfg.data.skip_bad))
+    # The lists' format only (no audio file is opened): the dry run stays fast on millions of lines.
+    trained = read_trained_on(cfg)
     if env.source == "single" and args.dry_run:
         num_nodes, gpus = None, None  # the dry run's own --num_nodes/--num_gpus, or the recipe's world
     else:
         check_world(env, os.environ, args.num_nodes, args.num_gpus)
         num_nodes, gpus = env.num_nodes, env.local_world_size
-    plan, ds_config = plan_from_args(args, cfg, num_nodes, gpus, dataset_size=dataset_size,
+    plan, ds_config = plan_from_args(args, cfg, num_nodes, gpus, dataset_size=trained.dataset_size,
                                      world_source=world_source(env),
                                      resume=checkpoint_hold(args.resume, Path(cfg.train.run_dir) / "checkpoints"))
-    return cfg, plan, ds_config
+    check_resume(cfg, trained, args.resume)  # after the plan's own reading of the checkpoint's marker
+    return cfg, plan, ds_config, trained
 
 
 def check_before_launch(cfg: Config, ds_config: dict, plan: Plan, ds_spec: str, recipe: str | None) -> None:
@@ -56,16 +56,19 @@ def check_before_launch(cfg: Config, ds_config: dict, plan: Plan, ds_spec: str, 
     from launcher.training.engine import validate_with_deepspeed
 
     d = cfg.data
-    if not d.train_list:
+    if not d.train_list and not cfg.mixing.enabled:
         where = f"recipe {recipe} sets none" if recipe else "the built-in defaults have none"
         raise ConfigError(
             f"data.train_list is not set ({where}): give a recipe (e.g. --config recipes/train_48k.yaml) or "
             "data.train_list=PATH, a list file of `noisy clean [seconds]` lines (python -m data.demo "
-            "runs/demo_corpus writes a demo corpus)")
+            "runs/demo_corpus writes a demo corpus), or mix pairs on the fly (mixing.clean_lists, see the README)")
     for key in ("train_list", "valid_list"):
         path = getattr(d, key)
         if path and not Path(path).is_file():
             raise ConfigError(f"data.{key} {path}: no such file (a list file of `noisy clean [seconds]` lines)")
+    missing = [f"{key} {path}" for key, path in mixing_list_paths(cfg.mixing) if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(f"no such list file: {'; '.join(missing)}")
     validate_with_deepspeed(ds_config, plan.world_size, ds_spec)
 
 
@@ -79,11 +82,12 @@ def launch(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        cfg, plan, ds_config = resolve(args, env)
+        cfg, plan, ds_config, trained = resolve(args, env)
     except (ConfigError, PlanError, DataError, PreflightError, EnvError) as e:
         return refuse(env.rank, e)
     if env.rank == 0:
-        print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset)
+        print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset,
+                   data_rows=trained.rows)
     if args.dry_run:
         return 0
     try:

@@ -111,6 +111,7 @@ class _Interval:
     micro_batches: int = 0
     loss_sum: float = 0.0
     loss_n: int = 0
+    tally: list[float] = field(default_factory=list)  # the steps' StepTotals.tally, summed
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,12 @@ class Position:
 class TrainLog:
     """The training record and log line of every `train.log_interval_steps`-th optimizer step (and the first).
 
-    Rank 0 writes them to `sink` (Metrics); the other ranks' sink (NullMetrics) drops them."""
+    Rank 0 writes them to `sink` (Metrics); the other ranks' sink (NullMetrics) drops them. With a `tally` (dynamic
+    mixing) the record also says what the interval's mixtures were (launcher/training/mixing.py MixTally.record)."""
 
     def __init__(self, sink: NullMetrics, interval_steps: int, max_epoch: int, micro_batch: int, world_size: int,
-                 segment_seconds: float, device) -> None:
-        self.sink = sink
+                 segment_seconds: float, device, tally=None) -> None:
+        self.sink, self.tally = sink, tally
         self.interval_steps, self.max_epoch = interval_steps, max_epoch
         self.micro_batch, self.world_size, self.segment_seconds = micro_batch, world_size, segment_seconds
         self.device = device
@@ -158,6 +160,8 @@ class TrainLog:
         i.wait_s += wait_s
         i.loss_sum += result.totals.loss_sum
         i.loss_n += result.totals.finite
+        if result.totals.tally:
+            i.tally = [a + b for a, b in zip(i.tally, result.totals.tally)] if i.tally else list(result.totals.tally)
 
     def maybe_log(self, at: Position, result: StepResult, grad_norm: float | None, counters: Counters) -> None:
         """Log when `at.step` is due; the interval starts again after a log."""
@@ -182,6 +186,8 @@ class TrainLog:
             # The CUDA allocator's high-water mark since the start (rank 0's GPU): what launcher/plan/memory.py
             # estimates.
             record["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.tally is not None and i.tally:
+            record.update(self.tally.record(i.tally))
         line = (f"Train Epoch: {at.epoch + 1}/{self.max_epoch} Step: {at.micro_batch}/{at.micro_batches_per_epoch} | "
                 f"{spb:.3f}s/batch | lr {lr:.4e} || Mask_Loss {loss:.4f}")
         self.sink.log(record, line)

@@ -38,13 +38,17 @@ LOSS, GRADIENT, LOSS_SCALE = "non-finite loss", "non-finite gradients", "fp16 lo
 
 
 class StepWindow:
-    """Device-side sums over the micro-batches of one optimizer step; `reduce` is the step's one all-reduce."""
+    """Device-side sums over the micro-batches of one optimizer step; `reduce` is the step's one all-reduce.
 
-    def __init__(self, engine, device: torch.device) -> None:
+    With a `tally` (dynamic mixing: launcher/training/mixing.py MixTally) the same all-reduce also sums what each
+    micro-batch's mixtures were."""
+
+    def __init__(self, engine, device: torch.device, tally=None) -> None:
         self.engine = engine
         self.world = dist.get_world_size()
-        # finite-loss sum, finite count, non-finite count, stop votes, share of the squared gradient norm
-        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        self.tally = tally
+        # finite-loss sum, finite count, non-finite count, stop votes, share of the squared gradient norm; the tally
+        self.sums = torch.zeros(5 + (tally.size if tally is not None else 0), dtype=torch.float64, device=device)
         self.plain_optimizer = engine.optimizer is engine.basic_optimizer
         _check_deepspeed_guards(engine.optimizer)
 
@@ -52,6 +56,10 @@ class StepWindow:
         loss = loss.detach().double()
         finite = torch.isfinite(loss)
         self.sums[:3] += torch.stack((torch.where(finite, loss, 0.0), finite.double(), (~finite).double()))
+
+    def count(self, noisy: torch.Tensor, clean: torch.Tensor, flags: torch.Tensor) -> None:
+        """Add a micro-batch of mixtures to the tally (on the device: no host sync)."""
+        self.sums[5:] += self.tally.of(noisy, clean, flags)
 
     def reduce(self, stop_requested: bool) -> StepTotals:
         self.sums[3] = float(stop_requested)
@@ -61,10 +69,11 @@ class StepWindow:
                 # Identical on every rank (DeepSpeed's backward all-reduced them): each adds 1/world of it.
                 self.sums[4] = torch.nn.utils.get_total_norm(grads).double().square() / self.world
         dist.all_reduce(self.sums)
-        loss_sum, finite, nonfinite, stop, norm_sq = self.sums.tolist()
+        values = self.sums.tolist()
+        loss_sum, finite, nonfinite, stop, norm_sq = values[:5]
         self.sums.zero_()
         grad_norm = (math.sqrt(norm_sq) if norm_sq >= 0 else math.nan) if self.plain_optimizer else None
-        return StepTotals(loss_sum, round(finite), round(nonfinite), round(stop), grad_norm)
+        return StepTotals(loss_sum, round(finite), round(nonfinite), round(stop), grad_norm, tuple(values[5:]))
 
 
 def _check_deepspeed_guards(optimizer) -> None:

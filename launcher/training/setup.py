@@ -26,6 +26,7 @@ from launcher.training.engine import build_engine
 from launcher.training.evaluation import EvaluationSchedule
 from launcher.training.feed import DataFeed
 from launcher.training.metrics import Metrics, NullMetrics, TrainLog
+from launcher.training.mixing import MixTally
 from launcher.training.nonfinite import StepWindow
 from launcher.training.preempt import Preemption
 from launcher.training.schedule import LRSchedule
@@ -98,26 +99,30 @@ def build_trainer(spec: RunSpec) -> Trainer:
     preempt = Preemption()  # first: a notice during set-up still yields a checkpoint
     device, device_settings = start_process_group(env, spec.run_dir, cfg.cuda, preempt)
     sink = Metrics(spec.run_dir, t.max_epoch, t.progress_bar) if env.rank == 0 else NullMetrics()
+    tally = MixTally(device) if cfg.mixing.enabled else None
     log = TrainLog(sink, t.log_interval_steps, t.max_epoch, plan.micro_batch, env.world_size,
-                   cfg.data.segment_seconds, device)
+                   cfg.data.segment_seconds, device, tally)
     write_run_record(spec, device_settings)
     ckpt_dir = spec.run_dir / "checkpoints"
     targets = open_resume(spec.resume, ckpt_dir, plan.global_batch, env.rank, log)
     target = targets.next()
     load_universal = bool(target and needs_universal(target[2], env.world_size))
-    data = build_data(cfg.data, t.seed, plan.micro_batch, plan.global_batch, env.rank, env.world_size,
+    data = build_data(cfg.data, cfg.mixing, t.seed, plan.micro_batch, plan.global_batch, env.rank, env.world_size,
                       spec.run_dir, device, log)
+    if data.mixing is not None:
+        data.mixing.write(spec.run_dir, env.rank)
     built = build_engine(cfg.model.preset, t.seed, spec.ds_config, env.rank, spec.init, load_universal, log)
     schedule = _schedule(plan, cfg, data.sampler.samples_per_epoch // plan.global_batch)
     counters = Counters()
+    states = {"sampler": data.sampler, "schedule": schedule, "counters": counters}
+    if data.mixing is not None:
+        states["mixing"] = data.mixing  # its record in every marker; loading a checkpoint compares it
     watchdog = Watchdog(env.rank, env.world_size, env.master_addr, env.master_port, t.step_timeout_s,
                         t.slow_phase_timeout_s, log.log)
     facts = {"world_size": env.world_size, "zero_stage": built.zero_stage, "global_batch": plan.global_batch,
              "preset": cfg.model.preset, "plan": plan.to_dict()}
-    checkpoints = Checkpoints(built.engine, ckpt_dir, targets,
-                              {"sampler": data.sampler, "schedule": schedule, "counters": counters}, facts,
-                              t.keep_last, t.save_interval_steps, load_universal, env.rank, env.world_size, watchdog,
-                              log)
+    checkpoints = Checkpoints(built.engine, ckpt_dir, targets, states, facts, t.keep_last, t.save_interval_steps,
+                              load_universal, env.rank, env.world_size, watchdog, log)
     if target is not None:
         checkpoints.load(target)
     if os.environ.get("MF2_TEST_FAULT"):  # the tests' fault injection, never loaded otherwise
@@ -127,7 +132,7 @@ def build_trainer(spec: RunSpec) -> Trainer:
     return Trainer(TrainingParts(
         plan=plan, train=t, device=device, built=built, feed=DataFeed(data.loader, data.sampler,
                                                                       plan.accumulation_steps),
-        window=StepWindow(built.engine, device), schedule=schedule, counters=counters, checkpoints=checkpoints,
+        window=StepWindow(built.engine, device, tally), schedule=schedule, counters=counters, checkpoints=checkpoints,
         validator=Validator(built.engine, data.valid_loader, device, built.input_dtype, t.valid_interval_steps,
                             t.max_epoch, watchdog, log),
         evaluation=EvaluationSchedule(cfg.data, t, cfg.model.preset, plan.micro_batch, env.rank, env.world_size,

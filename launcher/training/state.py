@@ -15,6 +15,7 @@ class StepTotals:
     nonfinite: int
     stop_votes: int
     grad_norm: float | None  # the global norm before clipping, where the loop computes it (plain optimizer)
+    tally: tuple[float, ...] = ()  # the mixtures' facts summed over the step (launcher/training/mixing.py MixTally)
 
 
 @dataclass

@@ -87,12 +87,14 @@ class Trainer:
         from model import compute_features, mask_loss
 
         engine = self.engine
-        for noisy, clean in micro_batches:
+        for noisy, clean, *flags in micro_batches:  # flags: per sample, when the pairs are mixed on the fly
             noisy = noisy.to(self.device, non_blocking=True)
             clean = clean.to(self.device, non_blocking=True)
             mask = engine(compute_features(noisy, dither=1.0).to(self.input_dtype))
             loss = mask_loss(mask, noisy, clean)
             self.window.add(loss)  # kept on the device: no host sync per micro-batch
+            if flags:
+                self.window.count(noisy, clean, *flags)
             engine.backward(loss)  # always; a non-finite loss costs its optimizer step
             self.feed.consumed()
             self.watchdog.beat("train", engine.global_steps + 1)
