@@ -155,7 +155,8 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
     nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''} × {plan.gpus_per_node} GPUs"
     head = Text(plan.headline, style="bold")
     legend = Text(f"per-GPU micro-batch × accumulation × world ({nodes}) = global batch", style="dim")
-    parts = [head, legend, Text(""), _origin_rows(plan, nodes), Text(""), _run_rows(plan, ds_spec, ds_config, recipe, data_rows)]
+    parts = [head, legend, Text(""), _origin_rows(plan, nodes), Text(""),
+             _run_rows(plan, ds_spec, ds_config, recipe, data_rows)]
     for warning in plan.warnings:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     if memory is not None:
