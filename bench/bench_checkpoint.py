@@ -92,7 +92,7 @@ def main() -> int:
 
     import torch
 
-    from launcher import checkpoint as ck
+    from launcher.checkpoint import integrity, marker as markers, resume, store
 
     load_start = os.getloadavg()
     _init()
@@ -103,7 +103,7 @@ def main() -> int:
     times: dict[str, list[float]] = {k: [] for k in ("save_ds", "save_ours", "crc32", "fsync", "resume_ds_cold",
                                                      "resume_ours_cold", "resume_ds_warm", "resume_ours_warm")}
     plain, ours = args.dir / "plain", args.dir / "ours"
-    tag = ck.tag_for(engine.global_steps)
+    tag = markers.tag_for(engine.global_steps)
     size, files = 0, []
     for r in range(args.repeats):
         for name in (("save_ds", "save_ours") if r % 2 == 0 else ("save_ours", "save_ds")):
@@ -114,14 +114,14 @@ def main() -> int:
             t = time.perf_counter()
             if name == "save_ds":
                 engine.save_checkpoint(str(folder), tag=tag, client_state={}, save_latest=False)
-                torch.save(ck._rng_state(), folder / tag / "rng_rank0000.pt")
+                torch.save(store._rng_state(), folder / tag / "rng_rank0000.pt")
                 times[name].append(time.perf_counter() - t)
                 # The two parts of ours, alone, on the files just written (warm, still dirty).
                 files = sorted((folder / tag).iterdir())
                 size = sum(f.stat().st_size for f in files)
                 t = time.perf_counter()
                 for f in files:
-                    ck.file_record(f, f.parent)
+                    integrity.file_record(f, f.parent)
                 times["crc32"].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 for f in files:
@@ -129,7 +129,7 @@ def main() -> int:
                         os.fsync(handle.fileno())
                 times["fsync"].append(time.perf_counter() - t)
             else:
-                ck.save(engine, folder, {}, marker, keep_last=1)
+                store.save(engine, folder, {}, marker, keep_last=1)
                 times[name].append(time.perf_counter() - t)
         for cache in ("warm", "cold"):
             for name in ((f"resume_ds_{cache}", f"resume_ours_{cache}") if r % 2 == 0 else
@@ -138,7 +138,7 @@ def main() -> int:
                     _evict(ours / tag)
                 t = time.perf_counter()
                 if name.startswith("resume_ours"):
-                    problem = ck.verify(ours, tag, ck.read_marker(ours, tag))
+                    problem = resume.verify(ours, tag, markers.read_marker(ours, tag))
                     assert problem is None, problem
                 path, _ = engine.load_checkpoint(str(ours), tag=tag, load_optimizer_states=True,
                                                  load_lr_scheduler_states=False)

@@ -7,7 +7,7 @@ writes OUT_DIR/results.json (and a table) with, per spec:
   safe_get_full_grad) against the exact mean of the same per-micro-batch gradients summed in fp64 (a plain
   copy of the module in the engine's dtype, same weights and inputs, eval mode so that no dropout differs):
   ||engine − exact|| / ||exact|| over all parameters; what is left is the accumulation and all-reduce;
-- a checkpoint in launcher/train.py's layout (launcher.checkpoint.save, COMPLETE.json with the preset), and
+- a checkpoint in launcher/train.py's layout (launcher.checkpoint.store.save, COMPLETE.json with the preset), and
   `masters.pt`: the fp32 master weights the optimizer holds (DeepSpeed's fp32 copy, not the module).
 
     OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu .venv/bin/python -m torch.distributed.run --standalone \
