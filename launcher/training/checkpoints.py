@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch.distributed as dist
+
 from launcher.checkpoint.marker import MARKER, CheckpointError, human_bytes, tag_for
 from launcher.checkpoint.resume import ResumeTargets
 from launcher.checkpoint.store import ensure_universal, remove_incomplete, restore_rng, save
@@ -102,8 +104,6 @@ class Checkpoints:
 
     def _load_tag(self, ckpt_dir: Path, tag: str, marker: dict) -> str | None:
         """Load one tag on every rank; None, or why it failed on some rank (all ranks then agree)."""
-        import torch.distributed as dist
-
         error, load_dir = None, ckpt_dir
         if self.load_universal:
             if self.rank == 0:

@@ -8,8 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+import torch.distributed as dist
+
+from data import CropDataset, CursorSampler, DataError, EvalSampler, build_loader
+from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
 from launcher.config import ConfigError, DataSection, MixingSection
 from launcher.training.errors import TrainingAborted
+from launcher.training.mixing import mixing_sets
 
 
 @dataclass(frozen=True)
@@ -24,11 +30,6 @@ def _checked(check: Callable[[], tuple[Any, Any]], what: str, rank: int, device,
     """`check()` (a list validation: (result, report)) on every rank, rank 0 first: it reads every header once (and
     caches them); the others then hit the cache. A bad corpus stops every rank here, before training, with rank 0
     printing the whole report."""
-    import torch
-    import torch.distributed as dist
-
-    from data import DataError
-
     verdict = torch.zeros(1, device=device)
     result = None
     if rank == 0:
@@ -51,9 +52,6 @@ def _checked(check: Callable[[], tuple[Any, Any]], what: str, rank: int, device,
 
 def build_data(d: DataSection, m: MixingSection, seed: int, micro_batch: int, global_batch: int, rank: int,
                world_size: int, run_dir: Path, device, log) -> TrainingData:
-    from data import CropDataset, CursorSampler, EvalSampler, build_loader
-    from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
-
     if not d.train_list and not m.enabled:
         raise ConfigError("data.train_list is not set: give a list file of `noisy clean [seconds]` lines")
     # Where the header cache goes when the corpus folder is read-only: the user's cache (kept across runs),
@@ -78,8 +76,6 @@ def build_data(d: DataSection, m: MixingSection, seed: int, micro_batch: int, gl
 
     mixing = None
     if m.enabled:
-        from launcher.training.mixing import mixing_sets
-
         sets = mixing_sets(d, m, seed, checked, crops, fallback, log)
         train_set, valid_set, mixing = sets.train, sets.valid, sets.run
     else:

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import copy
 import logging
+import types
 from dataclasses import dataclass
 from typing import Any, Mapping
+from unittest import mock
+
+import deepspeed
+import deepspeed.runtime.config as ds_runtime_config
+import torch
+import torch.distributed as dist
+from pydantic import ValidationError
 
 from launcher.checkpoint.weights import InitPlan
 from launcher.plan.ds_config import DsConfigError, setting_file
 from launcher.training.init_from import confirm_after_initialize, load_before_initialize
+from model import build_model
 
 # The pydantic models behind the blocks, to name a block in DeepSpeed's own errors.
 _MODEL_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
@@ -27,14 +36,6 @@ def validate_with_deepspeed(config: Mapping[str, Any], world_size: int, source: 
     `world_size`, so its batch assertion runs at the real world. Its pydantic models then check every
     block (ZeRO, precision, ...). Raises DsConfigError with one line that names the key and the value.
     """
-    import types
-    from unittest import mock
-
-    import deepspeed
-    import deepspeed.runtime.config as ds_runtime_config
-    import torch
-    from pydantic import ValidationError
-
     world = types.SimpleNamespace(get_rank=lambda group=None: 0, get_world_size=lambda group=None: world_size)
     log = logging.getLogger("DeepSpeed")
     level = log.level
@@ -83,11 +84,6 @@ def build_engine(preset: str, seed: int, ds_config: Mapping[str, Any], rank: int
                  load_universal: bool, log) -> Engine:
     """deepspeed.initialize on a fresh `preset` model (with init_from's weights, confirmed after); with
     `load_universal` the engine is configured to load a universal checkpoint (a resume on another world size)."""
-    import deepspeed
-    import torch
-
-    from model import build_model
-
     # Identical initial weights on every rank (ZeRO-3 partitions what each rank built), then
     # per-rank streams for dropout and dither.
     torch.manual_seed(seed)
@@ -109,10 +105,6 @@ def build_engine(preset: str, seed: int, ds_config: Mapping[str, Any], rank: int
 
 def param_fingerprints(engine, zero_stage: int, device) -> list[list[float]]:
     """(sum, sum of squares) of every rank's full parameters: equal lists mean the ranks agree. A collective."""
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, enabled=zero_stage == 3):
         local = torch.tensor([sum(p.detach().double().sum().item() for p in params),

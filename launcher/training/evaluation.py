@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import time
 
+import deepspeed
+import numpy as np
+import torch
+
+from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
 from launcher.config import DataSection, TrainSection
 from launcher.scoring.batches import SAMPLE_RATE_HZ, Item, assign_batches, plan_batches
 from launcher.scoring.results import gather_rows, summarize
 from launcher.scoring.score import enhance_and_score
+from model import build_model
 from model.metrics import NOISY_SUFFIX
 
 GROUPS = ("pesq", "stoi", "si_sdr", "dnsmos")
@@ -29,11 +35,6 @@ class TrainingEvaluation:
 
     def __init__(self, d: DataSection, max_pairs: int, metric_workers: int, preset: str, batch_size: int,
                  rank: int, world_size: int, device) -> None:
-        import numpy as np
-
-        from data.validation import validate  # not `from data`: importing data.validate (the CLI) shadows it
-        from model import build_model
-
         # The header cache written when the training validated this list makes this cheap.
         index, _ = validate([d.valid_list], sample_rate_hz=d.sample_rate_hz, resample=d.resample,
                             skip_bad=d.skip_bad, cache_dir=d.cache_dir)
@@ -52,9 +53,6 @@ class TrainingEvaluation:
         self.noisy_scores: dict[int, dict] | None = None  # row -> the input's values, from the first evaluation
 
     def _copy_weights(self, engine, zero_stage: int) -> None:
-        import deepspeed
-        import torch
-
         module = engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=zero_stage == 3):
             state = {k: v.detach() for k, v in module.named_parameters(remove_duplicate=False)}

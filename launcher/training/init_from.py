@@ -10,6 +10,12 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+from torch._utils import _unflatten_dense_tensors
+
 from launcher.checkpoint.weights import InitError, InitPlan, names, state_digest
 
 
@@ -28,9 +34,6 @@ def load_before_initialize(model, plan: InitPlan | None, log) -> None:
 def _set_fp32_masters(engine, params: Mapping[str, Any], state: Mapping[str, Any], zero_stage: int) -> dict[str, Any]:
     """Set the optimizer's fp32 master weights of a bf16/fp16 engine to the file's values; returns them as read
     back (empty when the optimizer keeps none that can be reached)."""
-    import torch
-    from torch._utils import _unflatten_dense_tensors
-
     optimizer = engine.optimizer
     masters: dict[str, Any] = {}
     # ZeRO-0 with bf16/fp16 goes through DeepSpeed's FP16 optimizers, which keep fp32 copies of each group's
@@ -51,8 +54,6 @@ def _set_fp32_masters(engine, params: Mapping[str, Any], state: Mapping[str, Any
                     copy.data.copy_(state[name].to(dtype=torch.float32).view_as(copy))
                     masters[name] = copy.detach().cpu().clone()
         return masters
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-
     # ZeRO 1-3 (and BF16_Optimizer): DeepSpeed's public fragment API (stage 3 partitions, 1/2 flat fragments).
     for name, p in params.items():
         if name in state and p.requires_grad:
@@ -91,10 +92,6 @@ def confirm_after_initialize(engine, plan: InitPlan | None, zero_stage: int, log
     """
     if plan is None or plan.skipped:
         return
-    import deepspeed
-    import torch
-    import torch.distributed as dist
-
     state = plan.state
     # Shared tensors (one rotary module serves every layer) appear under each of their state-dict keys.
     params = dict(engine.module.named_parameters(remove_duplicate=False))

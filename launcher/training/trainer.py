@@ -17,6 +17,8 @@ import gc
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import torch.distributed as dist
+
 from launcher.config import TrainSection
 from launcher.plan.rules import Plan
 from launcher.training.checkpoints import Checkpoints
@@ -31,6 +33,7 @@ from launcher.training.schedule import LRSchedule
 from launcher.training.state import Counters, StepResult
 from launcher.training.validation import Validator
 from launcher.training.watchdog import Watchdog
+from model import compute_features, mask_loss
 
 
 @dataclass(frozen=True)
@@ -84,8 +87,6 @@ class Trainer:
     def train_step(self, micro_batches: Iterable) -> StepResult:
         """Forward and backward of each micro-batch, then one optimizer step, skipped alike on every rank when a
         loss or the gradients are not finite (launcher/training/nonfinite.py)."""
-        from model import compute_features, mask_loss
-
         engine = self.engine
         for noisy, clean, *flags in micro_batches:  # flags: per sample, when the pairs are mixed on the fly
             noisy = noisy.to(self.device, non_blocking=True)
@@ -152,8 +153,6 @@ class Trainer:
 
     def finish(self) -> int:
         """The last checkpoint, the `end` record, then every rank leaves the process group together."""
-        import torch.distributed as dist
-
         self.feed.close()
         exit_code = self.exit_code or 0
         if exit_code == 0:

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.distributed as dist
+
+from model import compute_features, validation_metrics
+
 
 class Validator:
     def __init__(self, engine, loader, device, input_dtype, interval_steps: int | None, max_epoch: int, watchdog,
@@ -30,11 +35,6 @@ class Validator:
 
     def validate(self, epoch: int, step: int, samples_seen: int) -> float:
         """The mean mask loss (NaN without a validation list), logged with the SI-SNR and its gain over the input."""
-        import torch
-        import torch.distributed as dist
-
-        from model import compute_features, validation_metrics
-
         if self.loader is None:
             return math.nan
         self.engine.eval()
