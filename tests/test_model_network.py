@@ -131,6 +131,19 @@ def test_time_convolution_backward_is_exact():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_the_compiled_weight_gradient_sums_what_the_eager_loop_sums():
+    """Under torch.compile the time convolution's weight gradient is one expression over shifted windows: the same
+    sums as the per-tap loop, also where the kernel is longer than the sequence."""
+    from model.network import _time_conv_weight_grad, _time_conv_weight_grad_fused
+
+    for batch, frames, channels, kernel in [(2, 9, 3, 5), (1, 4, 2, 7), (3, 1, 2, 3), (2, 20, 4, 39), (2, 300, 64, 17)]:
+        x = torch.randn(batch, frames, channels, dtype=torch.float64)
+        grad = torch.randn(batch, frames, channels, dtype=torch.float64)
+        loop = _time_conv_weight_grad(x, grad, kernel)
+        assert loop.shape == (channels, kernel)
+        assert torch.allclose(_time_conv_weight_grad_fused(x, grad, kernel), loop, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_runs_with_low_precision_parameters(tiny, dtype):
     x = fbank(2, 130)
