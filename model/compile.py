@@ -8,19 +8,22 @@ BENCHMARKS.md) decided the choices below:
 - **In place, names unchanged.** ``nn.Module.compile`` compiles a module's call where it stands, so parameter and
   state-dict names stay those of the model (``mossformer.``) and checkpoints, exports and ``init_from`` see no
   difference. ``torch.compile(module)`` would return a wrapper whose names all start with ``_orig_mod.``.
-- **Below the root.** DeepSpeed's ``engine.compile()`` compiles the model's whole call, which includes the
-  engine's own forward hooks on it; their throughput timer calls ``time.time()`` after a few steps, a graph break
-  (an error under ``fullgraph``) with guards on a step counter. Compiling the model's child modules leaves those
-  hooks outside.
+- **Below the root.** DeepSpeed's ``engine.compile()`` compiles the model's whole call, and with it the forward
+  hooks the engine puts on the model: the pre-hook's throughput timer calls ``time.time()`` once the engine has
+  taken a few steps (a graph break, an error under ``fullgraph``), and the post-hook reads the engine's micro-step
+  counter (``is_gradient_accumulation_boundary``), a guard that fails on every micro-batch: a recompilation each
+  time until dynamo's limit of 8, then an error. Compiling the model's children leaves the hooks outside.
 - **Regions.** ``"blocks"`` compiles each gated attention unit and each gated FSMN block on its own: the layers of
-  one kind share one graph, so compile time does not grow with the depth (the full model compiles in about a
-  minute here, against many minutes for one graph of all 24 layers). ``"model"`` compiles the mask network as one
-  region: the most fusion and the fewest launches, and the longest compile.
+  one kind share one graph, so compile time does not grow with the depth (the full model: 64 s on the CPU here,
+  against 237 s for ``"model"``, BENCHMARKS.md §9). ``"model"`` compiles the mask network as one region: the most
+  fusion and the fewest launches (3,401 against 3,561 per full-model micro-batch), and the longest compile.
 - **One compilation per region.** Shapes are static in training (fixed crops, fixed micro-batch), so regions are
   compiled with ``dynamic=False`` (a new shape would compile a second static graph rather than make the first one
   dynamic) and ``fullgraph=True`` (a graph break is an error, not a silent split). Validation runs eagerly under
   ``torch.compiler.set_stance("force_eager")`` (see ``eager``): eval mode and no_grad would otherwise compile a
-  second graph per region, minutes for ``"model"``, to save little on a pass that runs once per epoch.
+  second graph per region (for ``"model"`` the whole network's forward once more) to speed up a pass that runs
+  once per epoch. nn.Module.compile compiles ``Module._call_impl``, one code object for every compiled module, so
+  its graphs share dynamo's recompile limit of 8: ``"blocks"`` holds two.
 """
 
 from __future__ import annotations
@@ -44,10 +47,10 @@ COMPILE_OPTIONS = {"fullgraph": True, "dynamic": False}
 def configure_inductor(device_type: str) -> None:
     """Process-wide inductor settings for a device type; call once before the first compiled call.
 
-    On the CPU inductor's own random numbers (dither, dropout) cost more than the whole rest of a small model's
-    compiled step (bench/bench_compile.py: 65 -> 57 ms per tiny step only once they are ATen's), so random ops call
-    ATen's generator: the same streams as eager, so the RNG states a checkpoint saves continue exactly. On a GPU
-    inductor's Philox random numbers are generated inside the fused kernels; ATen's would add a launch each.
+    On the CPU random ops (dither, dropout) call ATen's generator: the same streams as eager, so a compiled step
+    draws what an eager one would and the RNG states a checkpoint saves continue exactly; inductor's own
+    per-element generator was also the slowest part of a tiny compiled step in a profile here. On a GPU inductor's
+    Philox random numbers are generated inside the fused kernels, where ATen's would add a launch each.
     """
     torch._inductor.config.fallback_random = device_type == "cpu"
 

@@ -186,7 +186,7 @@ def test_model_package_imports_neither_deepspeed_nor_launcher():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             for name in names:
                 assert name.split(".")[0] not in ("deepspeed", "launcher"), f"{path} imports {name}"
-    code = ("import sys, model, model.inference, model.checkpoint; "
+    code = ("import sys, model, model.inference, model.checkpoint, model.compile, model.flops; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'launcher')); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
