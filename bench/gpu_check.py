@@ -11,13 +11,17 @@ Phases, in this order, each written to the JSON as soon as it is done (so a time
 2. FLOPs of one training step (fbank features on the device → mask network → mask loss → backward),
    counted once with torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions);
 3. plain PyTorch training steps (Adam, the features on the device) in each of: fp32 (TF32 off), tf32
-   (TF32 on for matmul and cuDNN), bf16 (autocast, fp32 weights), and last bf16 + torch.compile, if the
-   time budget allows: s/batch (median over --steps after --warmup), samples/s, audio-seconds/s,
-   achieved TFLOP/s, MFU against the datasheet peak of that precision and against the measured matmul
-   peak, peak memory (CUDA allocator) next to launcher/plan/memory.py's estimate;
+   (TF32 on for matmul and cuDNN), bf16 (autocast, fp32 weights), and last, if the time budget allows,
+   bf16 + torch.compile as the trainer compiles (model/compile.py: each attention unit and FSMN block, the
+   features and the loss) and the same with CUDA graphs (``bf16_compile_cg``, mode="reduce-overhead"; CUDA
+   only): s/batch (median over --steps after --warmup), samples/s, audio-seconds/s, achieved TFLOP/s, MFU
+   against the datasheet peak of that precision and against the measured matmul peak, peak memory (CUDA
+   allocator) next to launcher/plan/memory.py's estimate, and the first step (the compile);
 4. DeepSpeed engines on one rank (world size 1) at each ZeRO stage, bf16 then fp32, the rendered
    ds_configs/zeroN[+bf16].json presets: memory allocated after deepspeed.initialize, peak over the
-   steps, launcher/plan/memory.py's estimate, and s/batch (bf16 at ZeRO 0 is refused by the presets: skipped).
+   steps, launcher/plan/memory.py's estimate, and s/batch (bf16 at ZeRO 0 is refused by the presets: skipped);
+5. with --zero_compile, those compiled variants once more inside a bf16 DeepSpeed engine at
+   --zero_compile_stage (ZeRO 1 by default), last (``zero_compile`` in the JSON).
 
 torch.compile needs a C compiler and Python's headers on the box (Triton builds its launchers with them); where
 either is missing, or the compile fails for any other reason, that variant is reported as skipped with the
@@ -57,7 +61,7 @@ DATASHEET = [
     ("H100 PCIe", {"bf16": 756.5, "tf32": 378.0, "fp32": 51.2}),
     ("H100", {"bf16": 989.4, "tf32": 494.7, "fp32": 66.9}),  # SXM5 (nvidia-smi: "H100 80GB HBM3")
 ]
-VARIANTS = ("fp32", "tf32", "bf16", "bf16_compile")
+VARIANTS = ("fp32", "tf32", "bf16", "bf16_compile", "bf16_compile_cg")
 
 
 class Budget:
@@ -151,16 +155,27 @@ def count_flops(preset: str, device, batch: int, seconds: float) -> int:
     return int(total)
 
 
+def compile_mode(name: str) -> str | None:
+    """torch.compile's mode for a variant: CUDA graphs for the ``_cg`` ones."""
+    return "reduce-overhead" if name.endswith("_cg") else None
+
+
 def run_variant(name: str, preset: str, device, batch: int, seconds: float, steps: int, warmup: int) -> dict:
     import torch
 
     from model import build_model, compute_features, mask_loss
+    from model.compile import compile_regions, compiled_step_functions, configure_inductor
 
     set_tf32(name == "tf32")
     torch.manual_seed(0)
     model = build_model(preset).to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=5e-4, betas=(0.9, 0.999), eps=1e-8)
-    forward = torch.compile(model) if name.endswith("compile") else model
+    features, loss_fn = compute_features, mask_loss
+    compiled = "compile" in name
+    if compiled:  # what the trainer compiles (model/compile.py): each layer's blocks, the features, the loss
+        configure_inductor(device.type)
+        compile_regions(model, "blocks", mode=compile_mode(name))
+        features, loss_fn = compiled_step_functions(mode=compile_mode(name))
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=name.startswith("bf16"))
     noisy, clean = batch_on(device, batch, seconds, 1)
     if device.type == "cuda":
@@ -170,9 +185,11 @@ def run_variant(name: str, preset: str, device, batch: int, seconds: float, step
     for i in range(warmup + steps):
         sync(device)
         t = time.perf_counter()
+        if compile_mode(name):
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's graph outputs may be overwritten now
         with amp:
-            mask = forward(compute_features(noisy, dither=1.0))
-        loss = mask_loss(mask.float(), noisy, clean)
+            mask = model(features(noisy, dither=1.0))
+        loss = loss_fn(mask.float(), noisy, clean)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
         opt.step()
@@ -183,16 +200,22 @@ def run_variant(name: str, preset: str, device, batch: int, seconds: float, step
            "all_step_s": times, "loss": float(loss.detach())}
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-    del model, opt, forward, mask, loss
+    del model, opt, mask, loss
+    if compiled:
+        torch._dynamo.reset()  # the next compiled variant starts from nothing, not from this one's graphs
     return out
 
 
-def zero_engine(preset: str, stage: int, precision: str, device, batch: int, seconds: float, steps: int) -> dict:
+def zero_engine(preset: str, stage: int, precision: str, device, batch: int, seconds: float, steps: int,
+                compile_as: str | None = None) -> dict:
+    """One DeepSpeed engine on one rank; ``compile_as`` a compiled variant's name ("bf16_compile",
+    "bf16_compile_cg"): model/compile.py's blocks regions, features and loss compiled, as the trainer would."""
     import deepspeed
     import torch
 
     from launcher.plan.ds_config import load_preset
     from model import build_model, compute_features, mask_loss
+    from model.compile import compile_regions, compiled_step_functions, configure_inductor
 
     set_tf32(False)
     spec = f"ds_configs/zero{stage}.json" + ("+ds_configs/bf16.json" if precision == "bf16" else "")
@@ -208,6 +231,13 @@ def zero_engine(preset: str, stage: int, precision: str, device, batch: int, sec
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                           if p.requires_grad], config=cfg)
     out = {"stage": stage, "precision": precision, "spec": spec}
+    features, loss_fn = compute_features, mask_loss
+    mode = compile_mode(compile_as) if compile_as else None
+    if compile_as:
+        configure_inductor(device.type)
+        compile_regions(engine.module, "blocks", mode=mode)
+        features, loss_fn = compiled_step_functions(mode=mode)
+        out["compile"] = compile_as
     if device.type == "cuda":
         out["allocated_after_init_bytes"] = torch.cuda.memory_allocated(device) - before
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -216,19 +246,24 @@ def zero_engine(preset: str, stage: int, precision: str, device, batch: int, sec
     for _ in range(steps):
         sync(device)
         t = time.perf_counter()
-        mask = engine(compute_features(noisy, dither=1.0).to(dtype))
-        loss = mask_loss(mask, noisy, clean)
+        if mode:
+            torch.compiler.cudagraph_mark_step_begin()
+        mask = engine(features(noisy, dither=1.0).to(dtype))
+        loss = loss_fn(mask, noisy, clean)
         engine.backward(loss)
         engine.step()
         sync(device)
         times.append(time.perf_counter() - t)
     out["s_per_batch"] = statistics.median(times[1:]) if len(times) > 1 else times[0]
     out["all_step_s"] = times
+    out["first_step_s"] = times[0]
     if device.type == "cuda":
         out["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device) - before
     if hasattr(engine, "destroy"):
         engine.destroy()
     del engine, model, mask, loss
+    if compile_as:
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -258,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--zero_stages", default="0,1,2,3")
     ap.add_argument("--zero_precisions", default="bf16,fp32")
     ap.add_argument("--zero_steps", type=int, default=3)
+    ap.add_argument("--zero_compile", default="",
+                    help="compiled variants (bf16_compile, bf16_compile_cg) to run once more as a DeepSpeed engine "
+                         "at --zero_compile_stage in bf16, last")
+    ap.add_argument("--zero_compile_stage", type=int, default=1, choices=(1, 2),
+                    help="ZeRO 3 cannot compile (bench/bench_compile.py); bf16 at ZeRO 0 is refused")
     ap.add_argument("--budget_s", type=float, default=175.0, help="skip phases that would overrun this")
     ap.add_argument("--deadline", type=float, default=None,
                     help="Unix time by which the script must be done (bench/_gpu_env.sh passes it)")
@@ -316,9 +356,11 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
 
     def variant(v: str) -> None:
-        compiled = v.endswith("compile")
+        compiled = "compile" in v
         need = (150.0 if device.type == "cuda" else 90.0) if compiled else (20.0 if device.type == "cuda" else 2.0)
         blocker = compile_blocker(device) if compiled else None
+        if blocker is None and compile_mode(v) and device.type != "cuda":
+            blocker = "CUDA graphs need a CUDA device"
         if blocker is None and not budget.allows(need):
             blocker = f"time budget ({budget.elapsed():.0f} s used of {budget.seconds:.0f}; needs about {need:.0f})"
         if blocker is None:
@@ -360,8 +402,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
 
     for v in variants:
-        if not v.endswith("compile"):
+        if "compile" not in v:
             variant(v)
+
+    import torch.distributed as dist
 
     result["zero"] = []
     stages = [int(s) for s in args.zero_stages.split(",") if s != ""]
@@ -389,13 +433,36 @@ def main(argv: list[str] | None = None) -> int:
                      f"{est.total_without_activations / 2**30:.2f}), peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
                      f"(estimate {est.total / 2**30:.2f})" if "peak_memory_bytes" in r else ""), flush=True)
 
-    if stages:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()  # not left to interpreter exit, where gloo can abort the process
     for v in variants:  # torch.compile last: its compile time is the least predictable
-        if v.endswith("compile"):
+        if "compile" in v:
             variant(v)
+    # A compiled training step inside a DeepSpeed engine, as the trainer would run it (model/compile.py).
+    result["zero_compile"] = []
+    for v in [c for c in args.zero_compile.split(",") if c]:
+        blocker = compile_blocker(device)
+        if blocker is None and compile_mode(v) and device.type != "cuda":
+            blocker = "CUDA graphs need a CUDA device"
+        if blocker is None and not budget.allows(150.0 if device.type == "cuda" else 90.0):
+            blocker = f"time budget ({budget.elapsed():.0f} s used of {budget.seconds:.0f})"
+        r = {"stage": args.zero_compile_stage, "precision": "bf16", "compile": v}
+        if blocker is None:
+            if not dist.is_initialized():
+                init_single_rank(device)
+            try:
+                r = zero_engine(args.preset, args.zero_compile_stage, "bf16", device, args.batch, args.seconds,
+                                args.zero_steps + 2, compile_as=v)
+            except Exception as e:  # noqa: BLE001 - a compile that fails is a finding, not the end of the check
+                blocker = f"failed: {type(e).__name__}: {(str(e).strip() or '-').splitlines()[0][:300]}"
+                torch._dynamo.reset()
+        if blocker is not None:
+            r["skipped"] = blocker
+        result["zero_compile"].append(r)
+        save()
+        print(f"ZeRO {args.zero_compile_stage} bf16 + {v}: "
+              + (r["skipped"] if "skipped" in r else f"{r['s_per_batch']:.4f} s/batch, first step {r['first_step_s']:.1f} s"),
+              flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()  # not left to interpreter exit, where gloo can abort the process
     save()
     _table(result)
     print(f"wrote {args.out} after {budget.elapsed():.0f} s")
@@ -426,14 +493,14 @@ def _table(result: dict) -> None:
                   f"{100 * r['mfu_datasheet']:.1f} %" if "mfu_datasheet" in r else "-",
                   f"{r['peak_memory_bytes'] / gib:.2f}" if "peak_memory_bytes" in r else "-",
                   f"{r['estimate_bytes'] / gib:.2f}")
-    for r in result.get("zero", []):
-        name = f"ZeRO {r['stage']} {r['precision']}"
+    for r in result.get("zero", []) + result.get("zero_compile", []):
+        name = f"ZeRO {r['stage']} {r['precision']}" + (f" {r['compile']}" if "compile" in r else "")
         if "skipped" in r:
             t.add_row(name, r["skipped"], "", "", "", "", "")
             continue
         t.add_row(name, f"{r['s_per_batch']:.4f}", f"{result['batch'] / r['s_per_batch']:.2f}", "", "",
                   f"{r['peak_memory_bytes'] / gib:.2f}" if "peak_memory_bytes" in r else "-",
-                  f"{r['estimate_bytes'] / gib:.2f}")
+                  f"{r['estimate_bytes'] / gib:.2f}" if "estimate_bytes" in r else "-")
     Console(width=160).print(t)
 
 

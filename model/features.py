@@ -45,6 +45,10 @@ def _check_waveform(waveform: Tensor) -> Tensor:
 _MEL_CACHE: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
+# Under torch.compile the cache lookup below would be traced, and its first insertion (a dict that changed) would
+# fail the compiled step's guard and recompile it: the compiler calls this once while tracing and keeps the
+# matrix as a constant of the graph instead.
+@torch.compiler.assume_constant_result
 def _mel_matrix(device: torch.device, dtype: torch.dtype) -> Tensor:
     """(1025, 60) triangular mel filters, as torchaudio's Kaldi fbank builds them."""
     key = (device, dtype)

@@ -206,7 +206,8 @@ def test_json(capsys) -> None:
     assert {k: ds[k] for k in ("train_batch_size", "train_micro_batch_size_per_gpu",
                                "gradient_accumulation_steps")} == {
         "train_batch_size": 96, "train_micro_batch_size_per_gpu": 12, "gradient_accumulation_steps": 2}
-    plan = Plan.from_dict({k: v for k, v in d.items() if k not in ("ds_config", "ds_config_spec", "recipe")})
+    assert d["compile"] == "off"  # the recipe's train.compile, beside the plan as on the card
+    plan = Plan.from_dict({k: v for k, v in d.items() if k not in ("ds_config", "ds_config_spec", "recipe", "compile")})
     assert plan.global_batch == 96
 
 

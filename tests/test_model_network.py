@@ -131,6 +131,19 @@ def test_time_convolution_backward_is_exact():
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_the_compiled_weight_gradient_sums_what_the_eager_loop_sums():
+    """Under torch.compile the time convolution's weight gradient is one expression over shifted windows: the same
+    sums as the per-tap loop, also where the kernel is longer than the sequence."""
+    from model.network import _time_conv_weight_grad, _time_conv_weight_grad_fused
+
+    for batch, frames, channels, kernel in [(2, 9, 3, 5), (1, 4, 2, 7), (3, 1, 2, 3), (2, 20, 4, 39), (2, 300, 64, 17)]:
+        x = torch.randn(batch, frames, channels, dtype=torch.float64)
+        grad = torch.randn(batch, frames, channels, dtype=torch.float64)
+        loop = _time_conv_weight_grad(x, grad, kernel)
+        assert loop.shape == (channels, kernel)
+        assert torch.allclose(_time_conv_weight_grad_fused(x, grad, kernel), loop, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_runs_with_low_precision_parameters(tiny, dtype):
     x = fbank(2, 130)
@@ -173,7 +186,7 @@ def test_model_package_imports_neither_deepspeed_nor_launcher():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             for name in names:
                 assert name.split(".")[0] not in ("deepspeed", "launcher"), f"{path} imports {name}"
-    code = ("import sys, model, model.inference, model.checkpoint; "
+    code = ("import sys, model, model.inference, model.checkpoint, model.compile, model.flops; "
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('deepspeed', 'launcher')); "
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -9,14 +9,15 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from launcher.config.sections import (HOLDS, LR_RULES, RANGES, WARMUP_AUTO, BatchSection, Config, ConfigError,
-                                      CudaSection, DataSection, MixingSection, ModelSection, OptimSection, Range,
-                                      ScheduleSection, TrainSection)
+from launcher.config.sections import (COMPILE_REGIONS, HOLDS, LR_RULES, RANGES, WARMUP_AUTO, BatchSection, Config,
+                                      ConfigError, CudaSection, DataSection, MixingSection, ModelSection, OptimSection,
+                                      Range, ScheduleSection, TrainSection)
 
 _LOAD = ("ACCUMULATION_KEYS", "config_to_dict", "dump_yaml", "load_config", "load_config_with_origins",
          "parse_override", "replace_section")
-__all__ = ["HOLDS", "LR_RULES", "RANGES", "WARMUP_AUTO", "BatchSection", "Config", "ConfigError", "CudaSection",
-           "DataSection", "MixingSection", "ModelSection", "OptimSection", "Range", "ScheduleSection", "TrainSection", *_LOAD]
+__all__ = ["COMPILE_REGIONS", "HOLDS", "LR_RULES", "RANGES", "WARMUP_AUTO", "BatchSection", "Config", "ConfigError",
+           "CudaSection", "DataSection", "MixingSection", "ModelSection", "OptimSection", "Range", "ScheduleSection",
+           "TrainSection", *_LOAD]
 
 if TYPE_CHECKING:
     from launcher.config.load import (ACCUMULATION_KEYS, config_to_dict, dump_yaml, load_config,

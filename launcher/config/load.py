@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from launcher.config.sections import Config, ConfigError
+from launcher.config.sections import YAML_BOOLEAN_WORDS, Config, ConfigError
 
 def _section_types() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
@@ -109,7 +109,10 @@ def _build_section(cls: type, values: dict[str, Any], where: str,
         origin = (origins or {}).get((section, k))
         return f"{origin}: {section}.{k}" if origin else f"{where}.{k}"
 
-    kwargs = {k: _coerce(v, hints[k], key_where(k)) for k, v in values.items()}
+    def word(k: str, v: Any) -> Any:
+        return YAML_BOOLEAN_WORDS.get((section, k), {}).get(v, v) if isinstance(v, bool) else v
+
+    kwargs = {k: _coerce(word(k, v), hints[k], key_where(k)) for k, v in values.items()}
     return cls(**kwargs)
 
 

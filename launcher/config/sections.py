@@ -21,6 +21,12 @@ from data.mixing_config import MixingConfig
 HOLDS = ("accumulation", "global_batch")  # what a new micro-batch or world keeps; the first is the default
 LR_RULES = ("linear", "sqrt", "none")  # how the LR follows the global batch
 WARMUP_AUTO = "auto"  # optim.warmup_samples: a warmup whenever the plan raises the LR above base_lr
+# train.compile: what model/compile.py compiles of the training micro-batch (its REGIONS; a test keeps them equal).
+COMPILE_REGIONS = ("off", "blocks", "model")
+# Keys whose word YAML 1.1 reads as a boolean: a bare `compile: off` (recipe) or `train.compile=off` (command
+# line) arrives as False, which here means the word the user typed; True (`on`, `yes`, `true`) names no region and
+# is refused by the key's range as 'true'.
+YAML_BOOLEAN_WORDS: dict[tuple[str, str], dict[bool, str]] = {("train", "compile"): {False: "off", True: "true"}}
 
 
 class ConfigError(ValueError):
@@ -117,6 +123,7 @@ RANGES: dict[str, dict[str, Range | str]] = {
         "valid_interval_steps": _at_least(1), "max_consecutive_nonfinite": _at_least(1),
         "init_from": _NON_EMPTY, "eval_interval_epochs": _at_least(0), "eval_max_pairs": _at_least(1),
         "eval_metric_workers": _at_least(0), "step_timeout_s": _POSITIVE, "slow_phase_timeout_s": _POSITIVE,
+        "compile": Range(choices=COMPILE_REGIONS),
     },
     "cuda": {},  # true/false switches only
     # Dynamic mixing: the numbers of data/mixing_config.py, whose own checks then add what spans keys (low <=
@@ -269,6 +276,10 @@ class TrainSection:
     # start, validation, checkpoint saves, the epoch end). Both stay below the 1800 s collective timeout.
     step_timeout_s: float = 300.0
     slow_phase_timeout_s: float = 1500.0
+    # torch.compile of the training micro-batch (model/compile.py): "off" (eager), "blocks" (each attention unit
+    # and FSMN block on its own, features and loss as functions) or "model" (the mask network as one region).
+    # ZeRO 0-2 only (launcher/plan/compiled.py); the first step after every start compiles, a slow phase.
+    compile: str = COMPILE_REGIONS[0]
 
     def __post_init__(self) -> None:
         _check_ranges(self, "train")

@@ -1,7 +1,7 @@
 """Planning, torch-free: the batch/LR rules (`rules`), the resolution of recipe + flags + checkpoint marker into a
-request (`request`), DeepSpeed presets and their rendering (`ds_config`), the per-GPU memory estimate (`memory`),
-the largest micro-batch that fits (`suggest`), the plan card (`card`) and the dry run (`cli`,
-`python -m launcher.plan`).
+request (`request`), DeepSpeed presets and their rendering (`ds_config`), `train.compile` against the preset
+(`compiled`), the per-GPU memory estimate (`memory`), the largest micro-batch that fits (`suggest`), the plan card
+(`card`) and the dry run (`cli`, `python -m launcher.plan`).
 
 The rules' public names are re-exported here: `from launcher.plan import Plan, PlanError, make_plan`.
 """

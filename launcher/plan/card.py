@@ -10,6 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from launcher.plan.compiled import compile_text
 from launcher.plan.ds_config import communication_dtype, grad_accum_dtype, precision, stage_named, zero_stage
 from launcher.plan.memory import MemoryEstimate, MemoryEstimateError, estimate_for, fmt_bytes
 from launcher.plan.rules import Plan, format_lr
@@ -114,7 +115,7 @@ def _engine_text(plan: Plan, ds_config: Mapping[str, Any]) -> str:
 
 
 def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | None, recipe: str | None,
-              data_rows: Sequence[tuple[str, str]]) -> Table:
+              data_rows: Sequence[tuple[str, str]], compile_regions: str | None) -> Table:
     rows = _grid()
     rows.add_row("audio per update",
                  f"{plan.global_batch} × {plan.segment_seconds:g} s = {_seconds(plan.audio_seconds_per_update)}")
@@ -140,6 +141,8 @@ def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | No
         engine = _engine_text(plan, ds_config)
         rows.add_row("DeepSpeed", f"{ds_spec}: {engine}" if ds_spec else engine)
         rows.add_row("grad accumulation", accumulation_text(ds_config, ds_spec, plan.accumulation_steps))
+    if compile_regions is not None:
+        rows.add_row("compile", compile_text(compile_regions))
     if recipe:
         rows.add_row("recipe", recipe)
     for note in plan.notes:
@@ -149,14 +152,14 @@ def _run_rows(plan: Plan, ds_spec: str | None, ds_config: Mapping[str, Any] | No
 
 def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
          recipe: str | None = None, memory: MemoryEstimate | None = None,
-         data_rows: Sequence[tuple[str, str]] = ()) -> Panel:
+         data_rows: Sequence[tuple[str, str]] = (), compile_regions: str | None = None) -> Panel:
     """The card; `data_rows` are (label, text) rows on what is trained on, from whoever read the lists (the planner
-    reads none)."""
+    reads none); `compile_regions` is the recipe's train.compile (None: no row)."""
     nodes = f"{plan.num_nodes} node{'s' if plan.num_nodes > 1 else ''} × {plan.gpus_per_node} GPUs"
     head = Text(plan.headline, style="bold")
     legend = Text(f"per-GPU micro-batch × accumulation × world ({nodes}) = global batch", style="dim")
     parts = [head, legend, Text(""), _origin_rows(plan, nodes), Text(""),
-             _run_rows(plan, ds_spec, ds_config, recipe, data_rows)]
+             _run_rows(plan, ds_spec, ds_config, recipe, data_rows, compile_regions)]
     for warning in plan.warnings:
         parts.append(Text(f"warning: {warning}", style="yellow"))
     if memory is not None:
@@ -166,14 +169,14 @@ def card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | 
 
 def print_card(plan: Plan, ds_spec: str | None = None, ds_config: Mapping[str, Any] | None = None,
                recipe: str | None = None, file: IO[str] | None = None, memory: MemoryEstimate | None = None,
-               data_rows: Sequence[tuple[str, str]] = ()) -> None:
+               data_rows: Sequence[tuple[str, str]] = (), compile_regions: str | None = None) -> None:
     Console(file=file, highlight=False, soft_wrap=False).print(card(plan, ds_spec, ds_config, recipe, memory,
-                                                                    data_rows))
+                                                                    data_rows, compile_regions))
 
 
 def print_plan(plan: Plan, ds_config: dict[str, Any] | None = None, *, ds_spec: str | None = None,
                recipe: str | None = None, file: Any = None, model_preset: str | None = None,
-               data_rows: Sequence[tuple[str, str]] = ()) -> None:
+               data_rows: Sequence[tuple[str, str]] = (), compile_regions: str | None = None) -> None:
     """The rich plan card on stdout (or `file`); with `model_preset`, its per-GPU memory estimate too."""
     memory = None
     if model_preset is not None and ds_config is not None:
@@ -181,4 +184,5 @@ def print_plan(plan: Plan, ds_config: dict[str, Any] | None = None, *, ds_spec: 
             memory = estimate_for(plan, ds_config, model_preset)
         except MemoryEstimateError:
             memory = None  # a preset without a parameter count: the card shows the plan alone
-    print_card(plan, ds_spec, ds_config, recipe=recipe, file=file, memory=memory, data_rows=data_rows)
+    print_card(plan, ds_spec, ds_config, recipe=recipe, file=file, memory=memory, data_rows=data_rows,
+               compile_regions=compile_regions)

@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        out = {**plan.to_dict(), "ds_config_spec": args.ds_config, "recipe": args.config, "ds_config": ds_config}
+        out = {**plan.to_dict(), "ds_config_spec": args.ds_config, "recipe": args.config, "ds_config": ds_config,
+               "compile": cfg.train.compile}
         if suggestion is not None:
             out["suggestion"] = suggestion.to_dict()
         print(json.dumps(out, indent=2))
     else:
         print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset,
-                   data_rows=mixing_rows(cfg))
+                   data_rows=mixing_rows(cfg), compile_regions=cfg.train.compile)
         if suggestion is not None:
             print_suggestion(suggestion)
     return 0

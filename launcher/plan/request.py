@@ -17,6 +17,7 @@ from typing import Any
 from launcher.checkpoint.marker import CheckpointError, read_marker, resolve_resume
 from launcher.config import (ACCUMULATION_KEYS, HOLDS, LR_RULES, WARMUP_AUTO, BatchSection, Config, ConfigError,
                              load_config_with_origins, parse_override)
+from launcher.plan.compiled import check_compile
 from launcher.plan.ds_config import DEFAULT_PRESET, load_preset, preset_micro_batch, render
 from launcher.plan.rules import AccumSpec, Origins, Plan, PlanError, PlanRequest, ResumeHold, make_plan
 
@@ -192,6 +193,7 @@ def plan_from_args(args: argparse.Namespace, cfg: Config, num_nodes: int | None,
              else _world(layers, cfg.batch))
     spec = layers.flag("ds_config") or DEFAULT_PRESET
     preset = load_preset(spec)
+    check_compile(cfg.train.compile, preset, spec, layers.origin("train", "compile"))
     promised = preset_micro_batch(preset)
     micro, micro_source, cli_batch = _micro_batch(layers, cfg.batch, spec, promised)
     try:

@@ -1,6 +1,6 @@
 """The DeepSpeed engine: DeepSpeed's own verdict on the rendered config before any process group, the engine built
-from the model (identical initial weights on every rank, init_from's weights confirmed after), and the ranks'
-agreement on the parameters at the end.
+from the model (identical initial weights on every rank, init_from's weights confirmed after, `train.compile`'s
+regions compiled in place), and the ranks' agreement on the parameters at the end.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import copy
 import logging
 import types
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 from unittest import mock
 
 import deepspeed
@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from launcher.checkpoint.weights import InitPlan
 from launcher.plan.ds_config import DsConfigError, setting_file
 from launcher.training.init_from import confirm_after_initialize, load_before_initialize
-from model import build_model
+from model import build_model, compute_features, mask_loss
+from model.compile import compile_regions, compiled_step_functions, configure_inductor
 
 # The pydantic models behind the blocks, to name a block in DeepSpeed's own errors.
 _MODEL_BLOCKS = {"DeepSpeedZeroConfig": "zero_optimization", "DeepSpeedBF16Config": "bf16",
@@ -78,12 +79,28 @@ class Engine:
     engine: Any  # deepspeed.DeepSpeedEngine
     input_dtype: Any  # torch dtype of the model's inputs (the precision the engine runs the module in)
     zero_stage: int
+    # The training micro-batch's features (waveforms -> fbank) and loss (mask, noisy, clean), compiled with the
+    # model's regions or eager; validation calls the eager ones.
+    features: Callable = compute_features
+    loss_fn: Callable = mask_loss
+
+
+def step_functions(module, regions: str, device_type: str) -> tuple[Callable, Callable]:
+    """Compile `regions` of the engine's module in place (model/compile.py: below DeepSpeed's forward hooks, plain
+    parameter names, one graph per region, a graph break an error) and return the training micro-batch's features
+    and loss functions, compiled alike; with "off", the eager ones. Compilation itself happens on the first call."""
+    if regions == "off":
+        return compute_features, mask_loss
+    configure_inductor(device_type)
+    compile_regions(module, regions)
+    return compiled_step_functions()
 
 
 def build_engine(preset: str, seed: int, ds_config: Mapping[str, Any], rank: int, init: InitPlan | None,
-                 load_universal: bool, log) -> Engine:
-    """deepspeed.initialize on a fresh `preset` model (with init_from's weights, confirmed after); with
-    `load_universal` the engine is configured to load a universal checkpoint (a resume on another world size)."""
+                 load_universal: bool, log, *, regions: str, device_type: str) -> Engine:
+    """deepspeed.initialize on a fresh `preset` model (with init_from's weights, confirmed after), its `regions`
+    compiled (train.compile); with `load_universal` the engine is configured to load a universal checkpoint (a
+    resume on another world size)."""
     # Identical initial weights on every rank (ZeRO-3 partitions what each rank built), then
     # per-rank streams for dropout and dither.
     torch.manual_seed(seed)
@@ -100,7 +117,8 @@ def build_engine(preset: str, seed: int, ds_config: Mapping[str, Any], rank: int
                    else torch.float16 if config.get("fp16", {}).get("enabled") else torch.float32)
     zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
     confirm_after_initialize(engine, init, zero_stage, log)
-    return Engine(engine, input_dtype, zero_stage)
+    features, loss_fn = step_functions(engine.module, regions, device_type)
+    return Engine(engine, input_dtype, zero_stage, features, loss_fn)
 
 
 def param_fingerprints(engine, zero_stage: int, device) -> list[list[float]]:

@@ -87,7 +87,7 @@ def launch(args: argparse.Namespace) -> int:
         return refuse(env.rank, e)
     if env.rank == 0:
         print_plan(plan, ds_config, ds_spec=args.ds_config, recipe=args.config, model_preset=cfg.model.preset,
-                   data_rows=trained.rows)
+                   data_rows=trained.rows, compile_regions=cfg.train.compile)
     if args.dry_run:
         return 0
     try:

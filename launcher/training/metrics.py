@@ -86,6 +86,7 @@ class Metrics(NullMetrics):
                 f"loss {record['loss']:.4f} | {record['s_per_batch']:.3f}s/batch | "
                 f"{record['samples_per_s']:.1f} samples/s | {record['audio_s_per_s_per_gpu']:.1f} audio-s/s/GPU | "
                 f"lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | wait {100 * record['data_wait_share']:.1f}%"
+                f"{flop_text(record)}"
             ))
 
     def print(self, text: str) -> None:
@@ -102,12 +103,21 @@ class Metrics(NullMetrics):
         self.jsonl.close()
 
 
+def flop_text(record: dict[str, Any]) -> str:
+    """The FLOP rate of a train record for a log line: ` | <rate> TFLOP/s`, and `, MFU <share>%` where the peak is
+    known."""
+    if "tflops" not in record:
+        return ""
+    return f" | {record['tflops']:.3g} TFLOP/s" + (f", MFU {record['mfu']:.1%}" if "mfu" in record else "")
+
+
 @dataclass
 class _Interval:
     """Counters between two log lines: the logged loss is the mean over all of its micro-batches."""
 
     t0: float = field(default_factory=time.perf_counter)
     wait_s: float = 0.0
+    steps: int = 0  # optimizer steps, skipped ones included (their FLOPs were computed)
     micro_batches: int = 0
     loss_sum: float = 0.0
     loss_n: int = 0
@@ -128,11 +138,13 @@ class TrainLog:
     """The training record and log line of every `train.log_interval_steps`-th optimizer step (and the first).
 
     Rank 0 writes them to `sink` (Metrics); the other ranks' sink (NullMetrics) drops them. With a `tally` (dynamic
-    mixing) the record also says what the interval's mixtures were (launcher/training/mixing.py MixTally.record)."""
+    mixing) the record also says what the interval's mixtures were (launcher/training/mixing.py MixTally.record);
+    with a `flop_rate` (launcher/training/mfu.py) this GPU's TFLOP/s over the interval, and its MFU where the peak is
+    known."""
 
     def __init__(self, sink: NullMetrics, interval_steps: int, max_epoch: int, micro_batch: int, world_size: int,
-                 segment_seconds: float, device, tally=None) -> None:
-        self.sink, self.tally = sink, tally
+                 segment_seconds: float, device, tally=None, flop_rate=None) -> None:
+        self.sink, self.tally, self.flop_rate = sink, tally, flop_rate
         self.interval_steps, self.max_epoch = interval_steps, max_epoch
         self.micro_batch, self.world_size, self.segment_seconds = micro_batch, world_size, segment_seconds
         self.device = device
@@ -156,6 +168,7 @@ class TrainLog:
 
     def add_step(self, result: StepResult, micro_batches: int, wait_s: float) -> None:
         i = self.interval
+        i.steps += 1
         i.micro_batches += micro_batches
         i.wait_s += wait_s
         i.loss_sum += result.totals.loss_sum
@@ -188,7 +201,9 @@ class TrainLog:
             record["gpu_peak_allocated_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if self.tally is not None and i.tally:
             record.update(self.tally.record(i.tally))
+        if self.flop_rate is not None:
+            record.update(self.flop_rate.record(i.steps, elapsed))
         line = (f"Train Epoch: {at.epoch + 1}/{self.max_epoch} Step: {at.micro_batch}/{at.micro_batches_per_epoch} | "
-                f"{spb:.3f}s/batch | lr {lr:.4e} || Mask_Loss {loss:.4f}")
+                f"{spb:.3f}s/batch | lr {lr:.4e} || Mask_Loss {loss:.4f}{flop_text(record)}")
         self.sink.log(record, line)
         self.interval = _Interval()

@@ -19,13 +19,16 @@ from launcher.dist.device import apply_device_settings
 from launcher.dist.env import DistEnv
 from launcher.dist.group import start_deepspeed_group
 from launcher.dist.preflight import check_run_dir, select_device
+from launcher.plan.ds_config import precision
 from launcher.plan.rules import Plan
 from launcher.training.checkpoints import Checkpoints, needs_universal, open_resume
+from launcher.training.compiled import CompileWatch
 from launcher.training.datasets import build_data
 from launcher.training.engine import build_engine
 from launcher.training.evaluation import EvaluationSchedule
 from launcher.training.feed import DataFeed
 from launcher.training.metrics import Metrics, NullMetrics, TrainLog
+from launcher.training.mfu import FlopRate, flop_rate
 from launcher.training.mixing import MixTally
 from launcher.training.nonfinite import StepWindow
 from launcher.training.preempt import Preemption
@@ -86,6 +89,14 @@ def write_run_record(spec: RunSpec, device_settings: dict[str, Any]) -> None:
                                          f"({env.num_nodes}×{env.local_world_size}) via {env.source}\n")
 
 
+def _flop_rate(spec: RunSpec, device) -> tuple[FlopRate, dict[str, Any]]:
+    """FLOPs per optimizer step of one rank and its GPU's peak (launcher/training/mfu.py)."""
+    cfg, plan = spec.cfg, spec.plan
+    segment_samples = int(round(cfg.data.segment_seconds * cfg.data.sample_rate_hz))  # the crops' length (data/)
+    return flop_rate(cfg.model.preset, plan.micro_batch, plan.accumulation_steps, segment_samples,
+                     precision(spec.ds_config), cfg.cuda.allow_tf32, device)
+
+
 def _schedule(plan: Plan, cfg: Config, steps_per_epoch: int) -> LRSchedule:
     s, t = cfg.schedule, cfg.train
     return LRSchedule(peak_lr=plan.peak_lr, warmup_steps=plan.warmup_steps, kind=s.kind,
@@ -100,9 +111,11 @@ def build_trainer(spec: RunSpec) -> Trainer:
     device, device_settings = start_process_group(env, spec.run_dir, cfg.cuda, preempt)
     sink = Metrics(spec.run_dir, t.max_epoch, t.progress_bar) if env.rank == 0 else NullMetrics()
     tally = MixTally(device) if cfg.mixing.enabled else None
+    rate, flops_record = _flop_rate(spec, device)
     log = TrainLog(sink, t.log_interval_steps, t.max_epoch, plan.micro_batch, env.world_size,
-                   cfg.data.segment_seconds, device, tally)
+                   cfg.data.segment_seconds, device, tally, rate)
     write_run_record(spec, device_settings)
+    log.log(flops_record)
     ckpt_dir = spec.run_dir / "checkpoints"
     targets = open_resume(spec.resume, ckpt_dir, plan.global_batch, env.rank, log)
     target = targets.next()
@@ -111,7 +124,8 @@ def build_trainer(spec: RunSpec) -> Trainer:
                       spec.run_dir, device, log)
     if data.mixing is not None:
         data.mixing.write(spec.run_dir, env.rank)
-    built = build_engine(cfg.model.preset, t.seed, spec.ds_config, env.rank, spec.init, load_universal, log)
+    built = build_engine(cfg.model.preset, t.seed, spec.ds_config, env.rank, spec.init, load_universal, log,
+                         regions=t.compile, device_type=device.type)
     schedule = _schedule(plan, cfg, data.sampler.samples_per_epoch // plan.global_batch)
     counters = Counters()
     states = {"sampler": data.sampler, "schedule": schedule, "counters": counters}
@@ -137,4 +151,5 @@ def build_trainer(spec: RunSpec) -> Trainer:
                             t.max_epoch, watchdog, log),
         evaluation=EvaluationSchedule(cfg.data, t, cfg.model.preset, plan.micro_batch, env.rank, env.world_size,
                                       device, log),
-        log=log, watchdog=watchdog.start(), preempt=preempt))
+        log=log, watchdog=watchdog.start(), preempt=preempt,
+        compile_watch=CompileWatch(t.compile, t.slow_phase_timeout_s, log)))

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from launcher.config import TrainSection
 from launcher.plan.rules import Plan
 from launcher.training.checkpoints import Checkpoints
+from launcher.training.compiled import CompileWatch, compiled_graphs
 from launcher.training.engine import Engine, param_fingerprints
 from launcher.training.errors import TrainingAborted
 from launcher.training.evaluation import EvaluationSchedule
@@ -33,7 +34,6 @@ from launcher.training.schedule import LRSchedule
 from launcher.training.state import Counters, StepResult
 from launcher.training.validation import Validator
 from launcher.training.watchdog import Watchdog
-from model import compute_features, mask_loss
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,7 @@ class TrainingParts:
     log: TrainLog
     watchdog: Watchdog
     preempt: Preemption
+    compile_watch: CompileWatch
 
 
 class Trainer:
@@ -64,6 +65,9 @@ class Trainer:
         self.feed, self.window, self.schedule, self.counters = parts.feed, parts.window, parts.schedule, parts.counters
         self.checkpoints, self.validator, self.evaluation = parts.checkpoints, parts.validator, parts.evaluation
         self.log, self.watchdog, self.preempt = parts.log, parts.watchdog, parts.preempt
+        # train.compile's features and loss (launcher/training/engine.py step_functions), eager when it is off.
+        self.features, self.loss_fn = parts.built.features, parts.built.loss_fn
+        self.compile_watch = parts.compile_watch
         self.exit_code: int | None = None  # set when the run stops before max_epoch: 0 done, 75 preempted
 
     @property
@@ -91,8 +95,8 @@ class Trainer:
         for noisy, clean, *flags in micro_batches:  # flags: per sample, when the pairs are mixed on the fly
             noisy = noisy.to(self.device, non_blocking=True)
             clean = clean.to(self.device, non_blocking=True)
-            mask = engine(compute_features(noisy, dither=1.0).to(self.input_dtype))
-            loss = mask_loss(mask, noisy, clean)
+            mask = engine(self.features(noisy, dither=1.0).to(self.input_dtype))
+            loss = self.loss_fn(mask, noisy, clean)
             self.window.add(loss)  # kept on the device: no host sync per micro-batch
             if flags:
                 self.window.count(noisy, clean, *flags)
@@ -125,6 +129,7 @@ class Trainer:
         self.log.maybe_log(Position(epoch, step, self.feed.micro_batches_done, self.feed.micro_batches_per_epoch),
                            result, result.totals.grad_norm if grad_norm is None else grad_norm, self.counters)
         self.watchdog.fast()
+        self.compile_watch.after_step(step)
         self.validator.maybe_validate(epoch, step, self.counters.samples_seen)
         preempted = result.totals.stop_votes > 0
         done = self.cfg.max_steps is not None and step >= self.cfg.max_steps
@@ -161,7 +166,7 @@ class Trainer:
         self.log.log({"kind": "end", "step": self.engine.global_steps, "micro_steps": self.engine.micro_steps,
                            "samples_seen": self.counters.samples_seen, "skipped_steps": self.counters.skipped_steps,
                            "nonfinite_steps": self.counters.nonfinite_steps, "exit_code": exit_code,
-                           "param_fingerprints": fingerprints})
+                           "compiled_graphs": compiled_graphs(), "param_fingerprints": fingerprints})
         self.log.close()
         dist.barrier()
         self.watchdog.stop()

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from model import compute_features, validation_metrics
+from model.compile import eager
 
 
 class Validator:
@@ -39,7 +40,9 @@ class Validator:
             return math.nan
         self.engine.eval()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
-        with torch.no_grad():
+        # Eagerly also where train.compile compiled the model: eval mode, no_grad and another batch size would each
+        # compile another graph per region for a pass that runs once per epoch (model/compile.py).
+        with torch.no_grad(), eager():
             for noisy, clean, weight in self.loader:  # weight 0 marks EvalSampler's padding
                 noisy, clean, weight = (t.to(self.device) for t in (noisy, clean, weight))
                 feats = compute_features(noisy, dither=0.0).to(self.input_dtype)
