@@ -21,12 +21,17 @@ update, on a generated corpus of 240 training / 24 validation pairs of 0.8–1.2
    the checkpoint left it;
 3. `bf16_zero3`: ZeRO-3 for half the steps (parameter partitioning and its gather/release on CUDA);
 4. `bf16_nice19`: as 1 with `data.loader_nice=19` (the demo recipe's setting): data-wait share and speed beside
-   run 1 (the default, 0).
+   run 1 (the default, 0);
+5. `bf16_compile`: as 1 with `train.compile=blocks` (model/compile.py's regions, launcher/training/engine.py):
+   the first step's compile time and graphs (its `compile` record), s/step and MFU beside run 1. A cold compile
+   takes about a minute, so it starts only with --compile_min_s left (120 s on cuda).
+--runs picks some of them (in this order).
 
 Per run, from its metrics.jsonl: exit code, wall time, optimizer steps, s/step (median over logging intervals
 after the first), samples/s, data_wait_share (median and mean), the loss of the first and last interval,
 whether every grad norm is finite, and the CUDA allocator's peak (`gpu_peak_allocated_gib`) beside
-launcher/plan/memory.py's estimate for the same plan. Written to --out after every run.
+launcher/plan/memory.py's estimate for the same plan, and the achieved TFLOP/s and MFU of the records (launcher/
+training/mfu.py). Written to --out after every run.
 """
 
 from __future__ import annotations
@@ -133,6 +138,14 @@ def run(name: str, args: argparse.Namespace, corpus: dict, run_dir: Path, extra:
         peaks = [r["gpu_peak_allocated_gib"] for r in train if "gpu_peak_allocated_gib" in r]
         if peaks:
             out["gpu_peak_allocated_gib"] = max(peaks)
+        for key in ("tflops", "mfu"):
+            values = [r[key] for r in train[1:] if key in r]
+            if values:
+                out[f"{key}_median"] = statistics.median(values)
+    compiled = [r for r in records if r.get("kind") == "compile"]
+    if compiled:
+        out["compile"] = {k: compiled[-1].get(k) for k in ("regions", "graphs", "graph_breaks", "first_step_s")}
+        out["recompiles"] = sum(1 for r in records if r.get("kind") == "recompile")
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").exists() else None
     ds_config = json.loads((run_dir / "ds_config.json").read_text()) if (run_dir / "ds_config.json").exists() else None
     if plan and ds_config:
@@ -163,6 +176,10 @@ def main() -> int:
                     help="Unix time by which the script must be done (bench/_gpu_env.sh passes it)")
     ap.add_argument("--min_run_s", type=float, default=None,
                     help="skip a run that would start with less time left (default: 45 on cuda, 10 on cpu)")
+    ap.add_argument("--compile_min_s", type=float, default=None,
+                    help="the same for bf16_compile, whose first step compiles (default: 120 on cuda, 90 on cpu)")
+    ap.add_argument("--runs", default="bf16,bf16_resume,bf16_zero3,bf16_nice19,bf16_compile",
+                    help="which runs, comma-separated (bf16_resume continues bf16's run directory)")
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench/results")) / "gpu_train_check.json")
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,13 +211,20 @@ def main() -> int:
         ("bf16_resume", "bf16", ["--resume", "auto"], args.steps + 10, DS),
         ("bf16_zero3", "zero3", [], half, DS + "+ds_configs/zero3.json"),
         ("bf16_nice19", "nice19", ["data.loader_nice=19"], args.steps, DS),
+        ("bf16_compile", "compile", ["train.compile=blocks"], args.steps, DS),
     ]
+    wanted = [name.strip() for name in args.runs.split(",") if name.strip()]
+    unknown = sorted(set(wanted) - {p[0] for p in plan})
+    if unknown:
+        ap.error(f"--runs: unknown run(s) {', '.join(unknown)}; choose from {', '.join(p[0] for p in plan)}")
+    compile_min_s = args.compile_min_s if args.compile_min_s is not None else (120.0 if args.device == "cuda" else 90.0)
     try:
-        for name, folder, extra, steps, ds in plan:
+        for name, folder, extra, steps, ds in [p for p in plan if p[0] in wanted]:
             left = deadline - time.time()
-            if left < min_run_s:
+            needed = compile_min_s if name == "bf16_compile" else min_run_s
+            if left < needed:
                 result["runs"].append({"name": name, "skipped": f"time budget ({left:.0f} s left, a run needs "
-                                                                 f"{min_run_s:.0f})"})
+                                                                 f"{needed:.0f})"})
                 continue
             if not name.endswith("_resume"):
                 subprocess.run(["rm", "-rf", str(args.workdir / folder)], check=True)
@@ -216,18 +240,19 @@ def main() -> int:
     from rich.table import Table
 
     table = Table(title=f"launcher/train.py on {result.get('gpu', args.device)}: {args.preset}, 12 × {args.seconds:g} s, bf16")
-    for col in ("run", "exit", "steps", "s/step", "samples/s", "data wait (median / mean)", "peak GiB (estimate)",
-                "loss first → last"):
+    for col in ("run", "exit", "steps", "s/step", "samples/s", "TFLOP/s (MFU)", "data wait (median / mean)",
+                "peak GiB (estimate)", "loss first → last"):
         table.add_column(col, justify="right")
     for r in result["runs"]:
         if "skipped" in r:
-            table.add_row(r["name"], "skipped", "", "", "", "", "", "")
+            table.add_row(r["name"], "skipped", "", "", "", "", "", "", "")
             continue
         fmt = lambda k, f: f.format(r[k]) if isinstance(r.get(k), (int, float)) else "-"  # noqa: E731
         steps = r.get("steps") or []
         table.add_row(
             r["name"], str(r["exit_code"]), f"{steps[0]}…{steps[-1]}" if steps else "-", fmt("s_per_step_median", "{:.3f}"),
             fmt("samples_per_s_median", "{:.1f}"),
+            f"{fmt('tflops_median', '{:.3g}')} ({fmt('mfu_median', '{:.1%}')})",
             f"{fmt('data_wait_share_median', '{:.2%}')} / {fmt('data_wait_share_mean', '{:.2%}')}",
             f"{fmt('gpu_peak_allocated_gib', '{:.2f}')} ({fmt('estimate_gib', '{:.2f}')})",
             " → ".join(f"{x:.3f}" for x in r.get("loss_first_last", [])),

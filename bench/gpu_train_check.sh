@@ -17,7 +17,8 @@
 #
 #   OUT=/tmp/gpu_train bash bench/gpu_train_check.sh --device cpu --preset tiny --seconds 1 --steps 8
 #
-# Extra arguments go to bench/gpu_train_check.py (--help lists them).
+# Extra arguments go to bench/gpu_train_check.py (--help lists them); the compiled step (run 5, ~1 min of cold compile)
+# starts only with 120 s left: for it alone, run(command="bash bench/gpu_train_check.sh --runs bf16,bf16_compile", ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-bench/results}"
