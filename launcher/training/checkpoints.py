@@ -53,6 +53,7 @@ class Checkpoints:
         self.rank, self.world_size = rank, world_size
         self.watchdog, self.log = watchdog, log
         self.best_tag: str | None = None
+        self.resumed_from: dict[str, Any] | None = None  # TEMP (issue 21): {"tag", "attempt"} of the loaded one
 
     def maybe_save(self, step: int, force: bool) -> None:
         """After an optimizer step: save when forced (preemption, the last step) or every `save_interval_steps`."""
@@ -91,6 +92,7 @@ class Checkpoints:
         for name, obj in self.states.items():
             obj.load_state_dict(state.get(name))  # None: a state the checkpoint's run did not have (mixing)
         self.best_tag = state.get("best_tag")
+        self.resumed_from = {"tag": tag, "attempt": marker.get("attempt")}
         same_world = marker["world_size"] == self.world_size
         rng_restored = same_world and restore_rng(ckpt_dir, tag, self.rank)
         sampler = self.states["sampler"]

@@ -26,6 +26,7 @@ from launcher.training.engine import Engine, param_fingerprints
 from launcher.training.errors import TrainingAborted
 from launcher.training.evaluation import EvaluationSchedule
 from launcher.training.feed import DataFeed
+from launcher.training.ledger import SampleLedger
 from launcher.training.metrics import Position, TrainLog
 from launcher.training.nonfinite import StepWindow, account_step, optimizer_step
 from launcher.training.preempt import PREEMPTED_EXIT, Preemption
@@ -54,6 +55,7 @@ class TrainingParts:
     log: TrainLog
     watchdog: Watchdog
     preempt: Preemption
+    ledger: SampleLedger  # TEMP (issue 21)
 
 
 class Trainer:
@@ -64,6 +66,7 @@ class Trainer:
         self.feed, self.window, self.schedule, self.counters = parts.feed, parts.window, parts.schedule, parts.counters
         self.checkpoints, self.validator, self.evaluation = parts.checkpoints, parts.validator, parts.evaluation
         self.log, self.watchdog, self.preempt = parts.log, parts.watchdog, parts.preempt
+        self.ledger = parts.ledger
         self.exit_code: int | None = None  # set when the run stops before max_epoch: 0 done, 75 preempted
 
     @property
@@ -114,6 +117,7 @@ class Trainer:
         """Count and log the step, validate and checkpoint when due, stop at max_steps or on a preemption."""
         epoch, step = self.feed.epoch, self.engine.global_steps
         self.counters.samples_seen += self.plan.global_batch
+        self.ledger.record_step(epoch, step, applied=result.skipped is None)
         abort = account_step(self.counters, epoch, step, result.totals, result.skipped,
                              self.cfg.max_consecutive_nonfinite, self.log)
         if abort:
