@@ -239,6 +239,29 @@ def test_disk_full_stops_the_run_and_keeps_the_previous_checkpoint(demo_corpus, 
         assert marker(run_dir, 4)["step"] == 4 and records(run_dir, "end")[-1]["step"] == 4
 
 
+def test_disk_full_during_a_universal_conversion_stops_the_run_and_passes_over_no_checkpoint(demo_corpus, tmp_path):
+    # Found by the chaos storm (issue 21): the conversion's failure was taken for the checkpoint's, every good
+    # checkpoint was skipped as one "DeepSpeed cannot load", and the run was refused (exit 2, no requeue) with the
+    # advice to move them away.
+    ds = "ds_configs/bs4.json+ds_configs/zero2.json"
+    with small_tmpfs(tmp_path / "disk", 24) as disk:
+        run_dir = disk / "run"
+        args = ("train.save_interval_steps=1", "train.keep_last=2")
+        ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2", *args, ds=ds)))
+        filler = fill(disk, 64 << 10)
+        # On 1 rank the ZeRO-2 checkpoint of 2 ranks goes through a universal copy, for which there is no room.
+        proc = run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=3", *args, "--resume", "auto", ds=ds),
+                             nproc=1)
+        out = failed(proc)
+        assert proc.returncode == 1, out[-3000:]
+        assert "universal checkpoint (to resume on another world size) ran out of space" in out, out[-3000:]
+        assert "skipping checkpoint" not in out and not records(run_dir, "resume_skipped")
+        filler.unlink()
+        proc = ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=3", *args, "--resume", "auto",
+                                           ds=ds), nproc=1))
+        assert "step 2," in proc.stdout and "via universal checkpoint" in proc.stdout
+
+
 # ---- kill -9 of every rank in the middle of a save -------------------------------------------------------
 
 def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint_exactly(demo_corpus, tmp_path):

@@ -315,7 +315,12 @@ def restore_rng(ckpt_dir: Path, tag: str, rank: int) -> bool:
 
 
 def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 only; idempotent)."""
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 only; idempotent).
+
+    A conversion that fails for want of disk space says nothing about the checkpoint, which verified: that is an
+    AllRanksStop naming the space (the run must stop, not pass over good checkpoints); any other failure is a
+    CheckpointError, the checkpoint's own (resume then tries the next one).
+    """
     out = ckpt_dir / f"{tag}_universal"
     if (out / tag / MARKER).is_file():
         return out
@@ -326,6 +331,10 @@ def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int) -> Path:
         cmd.append("--inject_missing_state")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)  # a partial copy only takes space
+        space = _conversion_space_problem(ckpt_dir, tag)
+        if space:
+            raise AllRanksStop(space)
         raise CheckpointError(
             f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )
@@ -333,3 +342,16 @@ def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int) -> Path:
     (out / "latest_universal").write_text(tag)
     shutil.copy(ckpt_dir / tag / MARKER, out / tag / MARKER)
     return out
+
+
+def _conversion_space_problem(ckpt_dir: Path, tag: str) -> str | None:
+    """Why a conversion could not have succeeded for space, or None: the universal copy takes about the source's size
+    (the same tensors, one file per parameter and state)."""
+    free = _free_bytes(ckpt_dir)
+    with contextlib.suppress(OSError, ValueError):
+        needed = checkpoint_bytes(read_marker(ckpt_dir, tag))
+        if free is not None and needed and free < needed:
+            return (f"converting {ckpt_dir / tag} to a universal checkpoint (to resume on another world size) ran out "
+                    f"of space: {human_bytes(free)} free in {ckpt_dir}, the copy needs about {human_bytes(needed)}. "
+                    "The checkpoint itself verified and is intact. Free space there, then rerun with --resume auto.")
+    return None

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from launcher.checkpoint.marker import MARKER, CheckpointError, human_bytes, tag_for
+from launcher.checkpoint.marker import MARKER, AllRanksStop, CheckpointError, human_bytes, tag_for
 from launcher.checkpoint.resume import ResumeTargets
 from launcher.checkpoint.store import ensure_universal, remove_incomplete, restore_rng, save
 
@@ -108,13 +108,18 @@ class Checkpoints:
         """Load one tag on every rank; None, or why it failed on some rank (all ranks then agree)."""
         error, load_dir = None, ckpt_dir
         if self.load_universal:
+            stop = None
             if self.rank == 0:
                 try:
                     ensure_universal(ckpt_dir, tag, marker["zero_stage"])
+                except AllRanksStop as e:  # no space for the copy: not the checkpoint's fault, and not the next one's
+                    stop = str(e)
                 except CheckpointError as e:
                     error = str(e)
-            box = [error]
+            box = [error, stop]
             dist.broadcast_object_list(box, src=0)
+            if box[1]:
+                raise AllRanksStop(box[1])
             if box[0]:
                 return box[0]
             load_dir = ckpt_dir / f"{tag}_universal"
