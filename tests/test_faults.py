@@ -262,6 +262,44 @@ def test_disk_full_during_a_universal_conversion_stops_the_run_and_passes_over_n
         assert "step 2," in proc.stdout and "via universal checkpoint" in proc.stdout
 
 
+def test_a_preemption_notice_during_a_universal_conversion_preempts_and_passes_over_no_checkpoint(demo_corpus,
+                                                                                                   tmp_path):
+    # Found by the chaos storm (issue 21): srun signals every process of the step, the converter too, which died of
+    # USR1; its failure was taken for the checkpoint's, the run resumed from an older one and the skipped good one
+    # was deleted by the retention at the next save.
+    import psutil
+
+    ds = "ds_configs/bs4.json+ds_configs/zero2.json"
+    run_dir = tmp_path / "run"
+    args = ("train.save_interval_steps=2", "train.keep_last=2", "train.max_steps=6")
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=4", *args[:2], ds=ds)))
+    proc = subprocess.Popen(deepspeed_cmd(*demo_args(demo_corpus, run_dir, *args, "--resume", "auto", ds=ds), nproc=1),
+                            cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        def converter():
+            for p in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    if "deepspeed.checkpoint.ds_to_universal" in p.cmdline():
+                        return p
+            return None
+
+        wait_for(lambda: converter() is not None, 300, "the universal conversion")
+        # What srun does with a preemption notice: every process of the step (DeepSpeed's launcher ignores it).
+        rank = next(p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=0" in p.cmdline())
+        for p in [rank, *rank.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 75, out[-4000:]
+    assert "skipping checkpoint" not in out and "step 4," in out and "via universal checkpoint" in out, out[-4000:]
+    assert marker(run_dir, 5)["step"] == 5  # the preemption's checkpoint, after the first step from step 4
+    assert (run_dir / "checkpoints" / "step00000004" / "COMPLETE.json").is_file()
+
+
 # ---- kill -9 of every rank in the middle of a save -------------------------------------------------------
 
 def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint_exactly(demo_corpus, tmp_path):

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -314,8 +314,12 @@ def restore_rng(ckpt_dir: Path, tag: str, rank: int) -> bool:
     return True
 
 
-def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int) -> Path:
+def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int,
+                     deferred: Callable[[], ContextManager] = contextlib.nullcontext) -> Path:
     """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 only; idempotent).
+
+    The converter runs under `deferred` (the preemption's: srun signals every process of the step, and a converter
+    killed by a preemption notice would otherwise fail the conversion).
 
     A conversion that fails for want of disk space says nothing about the checkpoint, which verified: that is an
     AllRanksStop naming the space (the run must stop, not pass over good checkpoints); any other failure is a
@@ -329,12 +333,17 @@ def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int) -> Path:
            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(out / tag)]
     if zero_stage < 3:
         cmd.append("--inject_missing_state")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with deferred():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(out, ignore_errors=True)  # a partial copy only takes space
         space = _conversion_space_problem(ckpt_dir, tag)
         if space:
             raise AllRanksStop(space)
+        if proc.returncode < 0:  # killed (the kernel's OOM killer, an operator): the conversion's fate, not the tag's
+            raise AllRanksStop(f"converting {ckpt_dir / tag} to a universal checkpoint (to resume on another world "
+                               f"size) was killed by signal {-proc.returncode}; the checkpoint itself verified and is "
+                               "intact. Rerun with --resume auto (on a node with more memory if the kernel killed it).")
         raise CheckpointError(
             f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )

@@ -46,12 +46,13 @@ class Checkpoints:
 
     def __init__(self, engine, ckpt_dir: Path, targets: ResumeTargets, states: dict[str, Stateful],
                  facts: dict[str, Any], keep_last: int, interval_steps: int | None, load_universal: bool,
-                 rank: int, world_size: int, watchdog, log) -> None:
+                 rank: int, world_size: int, watchdog, log, deferred) -> None:
         self.engine, self.ckpt_dir, self.targets, self.states = engine, ckpt_dir, targets, states
         self.facts = facts  # world_size, zero_stage, global_batch, preset, plan: written into every marker
         self.keep_last, self.interval_steps, self.load_universal = keep_last, interval_steps, load_universal
         self.rank, self.world_size = rank, world_size
         self.watchdog, self.log = watchdog, log
+        self.deferred = deferred  # the preemption's: holds its signals back while a child process runs
         self.best_tag: str | None = None
         self.resumed_from: dict[str, Any] | None = None  # TEMP (issue 21): {"tag", "attempt"} of the loaded one
 
@@ -111,7 +112,7 @@ class Checkpoints:
             stop = None
             if self.rank == 0:
                 try:
-                    ensure_universal(ckpt_dir, tag, marker["zero_stage"])
+                    ensure_universal(ckpt_dir, tag, marker["zero_stage"], self.deferred)
                 except AllRanksStop as e:  # no space for the copy: not the checkpoint's fault, and not the next one's
                     stop = str(e)
                 except CheckpointError as e:

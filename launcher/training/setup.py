@@ -124,7 +124,7 @@ def build_trainer(spec: RunSpec) -> Trainer:
     facts = {"world_size": env.world_size, "zero_stage": built.zero_stage, "global_batch": plan.global_batch,
              "preset": cfg.model.preset, "plan": plan.to_dict(), "attempt": ledger.attempt}
     checkpoints = Checkpoints(built.engine, ckpt_dir, targets, states, facts, t.keep_last, t.save_interval_steps,
-                              load_universal, env.rank, env.world_size, watchdog, log)
+                              load_universal, env.rank, env.world_size, watchdog, log, preempt.deferred)
     if target is not None:
         checkpoints.load(target)
     if os.environ.get("MF2_TEST_FAULT"):  # the tests' fault injection, never loaded otherwise
