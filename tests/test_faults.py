@@ -120,6 +120,17 @@ def test_nonfinite_gradients_skip_the_step_and_touch_neither_weights_nor_adam(de
     assert all(torch.isfinite(t).all() for t in after.values() if t.is_floating_point())
 
 
+def test_a_nonfinite_fault_at_an_epochs_first_step_survives_the_validation_before_it(demo_corpus, tmp_path):
+    # Found by the chaos storm (issue 21): the fault fired in the forward of the epoch-end validation (no gradients
+    # there) and was used up, so the uninterrupted run trained step 13 while a run resumed after that validation
+    # skipped it. The demo corpus holds 12 optimizer steps per epoch.
+    run_dir = tmp_path / "run"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=13", f"data.valid_list={demo_corpus['valid_list']}"),
+                     MF2_TEST_FAULT="nonfinite_grad@13@1"))
+    assert [r["step"] for r in records(run_dir, "valid")] == [12]
+    assert [r["step"] for r in records(run_dir, "nonfinite")] == [13]
+
+
 # ---- checkpoint integrity: fallback, refusal, retention ----------------------------------------------------
 
 def test_resume_skips_checkpoints_that_do_not_verify_or_load_and_retention_keeps_the_good_one(demo_corpus, tmp_path):
