@@ -518,6 +518,7 @@ class Outcome:
     leftovers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     log: str = ""
+    damaged: list[str] = field(default_factory=list)  # the checkpoints damaged when the attempt started
 
 
 class Job:
@@ -708,6 +709,7 @@ class Storm:
                 outcome.before.append(f"{f.kind}: {done}")
             else:
                 outcome.notes.append(f"{f.kind} deferred: no older intact checkpoint to fall back to yet")
+        outcome.damaged = sorted(self.damaged)
         fault_dir = self.dir / f"faults{index:02d}"
         shutil.rmtree(fault_dir, ignore_errors=True)
         fault_dir.mkdir()
@@ -913,8 +915,7 @@ class Storm:
             outcome.notes.append("a traceback in the log")
         # A checkpoint may be passed over only because the driver damaged it (not its universal copy: a bad copy is
         # to be made again from the intact checkpoint).
-        damaged = self.damaged | {b.split(": ", 1)[1].split("/", 1)[0] for b in outcome.before
-                                  if b.split(":", 1)[0] in BETWEEN}
+        damaged = set(outcome.damaged)
         for r in job.records.records:
             if r.get("kind") == "resume_skipped" and r.get("tag") not in damaged:
                 outcome.as_expected = False
