@@ -311,6 +311,40 @@ def test_a_preemption_notice_during_a_universal_conversion_preempts_and_passes_o
     assert (run_dir / "checkpoints" / "step00000004" / "COMPLETE.json").is_file()
 
 
+def test_a_damaged_universal_copy_is_made_again_not_loaded(demo_corpus, tmp_path):
+    # Found by the chaos storm (issue 21): the universal copy that a resume on another world size makes was trusted as
+    # soon as it held a marker (its source's, copied): a byte flipped in it since was loaded as it was.
+    from launcher.checkpoint.store import ensure_universal
+
+    run_dir = tmp_path / "run"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2",
+                                ds="ds_configs/bs4.json+ds_configs/zero2.json")))
+    ckpt, tag = run_dir / "checkpoints", "step00000002"
+    copy = ensure_universal(ckpt, tag, 2) / tag
+    files = sorted(copy.rglob("*.pt"))
+
+    def content(f: Path) -> list:
+        out, todo = [], [torch.load(f, weights_only=False)]
+        while todo:
+            obj = todo.pop()
+            if torch.is_tensor(obj):
+                out.append(obj)
+            elif isinstance(obj, dict):
+                todo += [obj[k] for k in sorted(obj, key=str)]
+            elif isinstance(obj, (list, tuple)):
+                todo += list(obj)
+        return out
+
+    before = {f: content(f) for f in files}
+    damaged = max((f for f in files if before[f]), key=lambda f: f.stat().st_size)
+    flip_byte(damaged, damaged.stat().st_size // 2)  # inside its tensor's data (the zip's records lie at the ends)
+    ensure_universal(ckpt, tag, 2)
+    after = {f: content(f) for f in files}
+    assert before.keys() == after.keys() and before[damaged]
+    assert all(len(before[f]) == len(after[f]) and all(torch.equal(a, b) for a, b in zip(before[f], after[f]))
+               for f in files), f"{damaged} was kept as it was damaged"
+
+
 # ---- kill -9 of every rank in the middle of a save -------------------------------------------------------
 
 def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint_exactly(demo_corpus, tmp_path):

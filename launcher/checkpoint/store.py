@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoint.integrity import CHECKSUM, file_record, sizes_match
+from launcher.checkpoint.integrity import CHECKSUM, check_file, file_record, sizes_match
 from launcher.checkpoint.marker import (MARKER, TAG_PATTERN, AllRanksStop, CheckpointError, checkpoint_bytes,
                                         complete_tags, human_bytes, read_marker, tag_for)
 
@@ -326,7 +326,7 @@ def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int,
     CheckpointError, the checkpoint's own (resume then tries the next one).
     """
     out = ckpt_dir / f"{tag}_universal"
-    if (out / tag / MARKER).is_file():
+    if _copy_verifies(out, tag):
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
@@ -349,8 +349,24 @@ def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int,
         )
     # DeepSpeed's universal loader reads the tag from this file.
     (out / "latest_universal").write_text(tag)
-    shutil.copy(ckpt_dir / tag / MARKER, out / tag / MARKER)
+    # The copy is checkpoint files like any other: its marker lists them with their checksums (synced first, as a
+    # save does), so that a copy changed since (bit rot, a torn write) is made again from the intact source instead
+    # of being loaded.
+    copy = out / tag
+    records = [file_record(p, copy, sync=True) for p in sorted(copy.rglob("*")) if p.is_file()]
+    _sync_dir(copy)
+    _write_json_atomic(copy / MARKER, {**read_marker(ckpt_dir, tag), "checksum": CHECKSUM, "files": records})
     return out
+
+
+def _copy_verifies(out: Path, tag: str) -> bool:
+    """A universal copy made and marked complete, whose files all match their sizes and checksums. (A copy of the
+    former layout carries its source's marker, whose files it does not hold: it is made again.)"""
+    try:
+        files = read_marker(out, tag).get("files")
+    except (OSError, ValueError):
+        return False
+    return bool(files) and all(check_file(out / tag, f) is None for f in files)
 
 
 def _conversion_space_problem(ckpt_dir: Path, tag: str) -> str | None:
