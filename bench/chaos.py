@@ -844,8 +844,10 @@ class Storm:
             # replacing a tag) is taken at the next poll, until the attempt has ended.
             job.hog = self.disk_dir
             fill_disk(self.disk_dir)
-        if fault.phase == "save" and fault.kind in ("preempt", "disk_full", "stop_rank"):
-            (job.fault_dir / "release").touch()  # the save goes on into the fault
+        if fault.phase == "save" and fault.kind != "kill_all":
+            # The save goes on into the fault (the ranks a kill spared meet the dead one in the save's collectives,
+            # as they would without the hook holding them).
+            (job.fault_dir / "release").touch()
         return time.monotonic()
 
     def wait_end(self, job: Job, outcome: Outcome, fired_at: float | None) -> None:
