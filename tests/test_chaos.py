@@ -3,7 +3,8 @@
 The storm (bench/chaos.py) runs real 2-rank (and 1-rank) `deepspeed launcher/train.py` jobs under a supervisor
 that restarts them with `--resume auto` after each fault. Its seed is drawn at random unless MF2_CHAOS_SEED is
 set, and printed: `MF2_CHAOS_SEED=N pytest tests/test_chaos.py -k storm` replays a failure
-(`python bench/chaos.py --seed N` runs the same storm outside pytest).
+(`python bench/chaos.py --seed N` runs the same storm outside pytest). It needs root for its small tmpfs (disk full;
+without it those faults become kill -9 of the job) and unmounts it.
 
 The proof's checks are tested first on records built by hand, so that each can be seen to fail.
 """
@@ -152,7 +153,10 @@ def test_storm(tmp_path):
     seed = int(os.environ.get("MF2_CHAOS_SEED") or random.SystemRandom().randrange(10**6))
     print(f"chaos seed {seed}: replay with MF2_CHAOS_SEED={seed} pytest tests/test_chaos.py -k storm")
     lines: list[str] = []
-    result = chaos.run_storm(seed, "short", tmp_path, log=lines.append)
+    # MF2_CHAOS_CONTROL=1 adds the fault-free run with the storm's world history, which the storm must equal bit for
+    # bit (about a minute more; bench/chaos.py --size long always runs it).
+    control = os.environ.get("MF2_CHAOS_CONTROL") == "1"
+    result = chaos.run_storm(seed, "short", tmp_path, log=lines.append, control=control)
     chaos.report(result, log=lines.append)
     summary = "\n".join([f"chaos seed {seed} (MF2_CHAOS_SEED={seed} to replay)", *lines])
     print(summary)
