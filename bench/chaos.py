@@ -2,14 +2,18 @@
 as SLURM's requeue would, and the proof from the run's own records that nothing was lost (issue 21).
 
     python bench/chaos.py --seed 7                   # the short storm (>= 8 faults): what tests/test_chaos.py runs
-    python bench/chaos.py --size long --seed 7       # >= 30 faults: the figures of BENCHMARKS.md
+    python bench/chaos.py --size long --seed 7       # >= 30 faults, and the control run: the bench's figures
     python bench/chaos.py --size long --seed 7 --same_world     # no world change: final weights bit-identical
+    python bench/chaos.py --seed 7 --disk run        # the small disk holds the whole run directory
     python bench/chaos.py --seed 7 --schedule        # print the schedule only
-    python bench/chaos.py --calibrate                # what the world-change tolerance is measured against
+    python bench/chaos.py --calibrate 1 2 3          # resize-only storms: what a world change alone does
+
+Run as root (the small disk is a tmpfs it mounts and unmounts; without root, disk-full faults become kill -9 of
+the job), with DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 and the venv's bin first on PATH, as the tests do.
 
 Interface. Only what survives the launcher's restructuring (issue 18): the command line
 (`deepspeed launcher/train.py ... --resume auto` with recipe overrides), MF2_TEST_FAULT and MF2_TEST_FAULT_DIR
-(launcher/faults.py's test hooks), the run directory's files (metrics.jsonl, checkpoints/stepN/COMPLETE.json
+(launcher/testing/faults.py's test hooks), the run directory's files (metrics.jsonl, checkpoints/stepN/COMPLETE.json
 and DeepSpeed's files), the exit codes 0, 1, 2 and 75, and signals to the pids of the job's process tree. No
 launcher module is imported.
 
@@ -41,11 +45,12 @@ The schedule (drawn from the seed, printed; `--seed` replays it). Ending faults 
 rank, kill -9 of the whole job (launcher, ranks and their children: a node crash), SIGUSR1 preemption of every
 rank or of one (exit 75 expected), SIGSTOP of one rank (the watchdog must end the job, exit 1), disk full (the
 checkpoints folder is a small tmpfs, filled to 64 KB; exit 1 naming the disk). Each fires in a phase: inside the
-first step, mid-epoch, during validation, during a save (the ranks held at launcher/faults.py's
+first step, mid-epoch, during validation, during a save (the ranks held at launcher/testing/faults.py's
 pause@save:before_write or before_marker), at an epoch end after validation, during the universal-checkpoint
 conversion of a resume on another world or the load that follows it. Between attempts: the newest checkpoint
 corrupted (a flipped byte), truncated (a file cut short) or its COMPLETE.json cut short, always while an older
-intact one exists; the world changed (2 → 1 → 2, and 3). Throughout: non-finite gradients at a drawn step
+intact one exists; after a fault in a resume, the universal copy it left (a flipped byte); the world changed
+(2 → 1 → 2, and 3). Throughout: non-finite gradients at a drawn step
 (MF2_TEST_FAULT=nonfinite_grad@STEP@RANK), which the uninterrupted run gets too: it is a property of the data.
 
 Timing. Faults fire at a random fraction of the phase's duration (measured on the uninterrupted run), counted
@@ -57,7 +62,13 @@ converter still running) and reported as the phase hit.
 The supervisor restarts after every fault with `--resume auto` on a fresh port, as a requeue would, after
 removing what the fault left (the filler file of a full disk, a stopped rank); like srun's --kill-on-bad-exit
 it kills the job's processes GRACE_S after one rank ended if the launcher has not, and it names any process of
-the run that outlived the launcher.
+the run that outlived the launcher. It checks each attempt's end against the fault (exit 75 for a preemption, 1 and
+the watchdog naming the stopped rank, 1 and the disk named, no intact checkpoint passed over) and, while every
+attempt ran on world 2, every checkpoint against the uninterrupted run's, tensor for tensor.
+
+The proof (bench/chaos_proof.py) then reads the records. Where the counted steps changed world, the control run
+(--control; always with --size long) replays the storm's world history without faults: the storm must equal it
+bit for bit, which leaves the world changes alone to explain the drift from the uninterrupted run.
 """
 
 from __future__ import annotations
