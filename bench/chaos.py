@@ -919,8 +919,9 @@ class Storm:
             outcome.as_expected = code != 0 and "[watchdog]" in text and named
         elif fault.kind == "disk_full":
             outcome.expected = "exit 1 naming the full disk"
-            outcome.as_expected = code == 1 and ("not enough space for checkpoint" in text
-                                                 or "the disk or a quota is full" in text)
+            outcome.as_expected = code == 1 and any(m in text for m in ("not enough space for checkpoint",
+                                                                         "the disk or a quota is full",
+                                                                         "ran out of space"))
         if code == 2:
             outcome.as_expected = False
             outcome.notes.append("refused (exit 2): a requeue would stop here")
