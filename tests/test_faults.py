@@ -345,6 +345,25 @@ def test_a_damaged_universal_copy_is_made_again_not_loaded(demo_corpus, tmp_path
                for f in files), f"{damaged} was kept as it was damaged"
 
 
+def test_an_epoch_end_after_an_interval_save_of_its_last_step_rewrites_only_the_marker(demo_corpus, tmp_path):
+    # Seen in the chaos storm (issue 21): the epoch-end save deleted the checkpoint the interval save had just written
+    # for the same step and wrote it all again (twice the I/O, and no checkpoint of that step in between: a kill or a
+    # full disk there cost the steps since the previous one). 12 optimizer steps per epoch on the demo corpus.
+    from launcher.checkpoint.integrity import check_file
+
+    run_dir = tmp_path / "run"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_epoch=1", "train.save_interval_steps=4",
+                                f"data.valid_list={demo_corpus['valid_list']}")))
+    tag = run_dir / "checkpoints" / "step00000012"
+    [valid] = records(run_dir, "valid")
+    m = json.loads((tag / "COMPLETE.json").read_text())
+    assert (m["state"]["sampler"]["epoch"], m["state"]["sampler"]["cursor"]) == (1, 0)  # the next epoch's start
+    assert m["state"]["best_tag"] == "step00000012"
+    files_written = max((tag / f["path"]).stat().st_mtime for f in m["files"])
+    assert files_written < valid["time"] < (tag / "COMPLETE.json").stat().st_mtime  # files before, marker after
+    assert all(check_file(tag, f) is None for f in m["files"])
+
+
 # ---- kill -9 of every rank in the middle of a save -------------------------------------------------------
 
 def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint_exactly(demo_corpus, tmp_path):

@@ -172,6 +172,35 @@ def save(engine, ckpt_dir: Path, client_state: dict[str, Any], marker: dict[str,
     return tag
 
 
+def remark(ckpt_dir: Path, tag: str, marker: dict[str, Any], keep_last: int, protect: Iterable[str] = (),
+           rejected: Iterable[str] = ()) -> str:
+    """All ranks: a new marker for a tag this process saved at this very step (no optimizer step since). Returns it.
+
+    An epoch's end follows the interval save of its last step: the engine's tensors and every rank's RNG state are
+    still those of that save (validation draws no random numbers and changes no weight); only what the marker holds
+    beside them moved on (the sampler at the next epoch, the plateau rule, the best tag). Rewriting the marker alone,
+    atomically and with the same file list, spares writing the same files again and the moment in which a save,
+    deleting the old tag first, leaves no complete checkpoint of this step (a kill or a full disk there cost the
+    steps since the previous checkpoint). A failure leaves the old marker, which still vouches for its files.
+    """
+    errors: list[str] = []
+    if dist.get_rank() == 0:
+        try:
+            old = read_marker(ckpt_dir, tag)
+            _write_json_atomic(ckpt_dir / tag / MARKER, {**marker, "checksum": old["checksum"], "files": old["files"]})
+        except (OSError, ValueError, KeyError) as e:
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            errors.append(f"rewriting the marker of checkpoint {tag} in {ckpt_dir} failed"
+                          f"{' (the disk or a quota is full)' if full else ''}: {type(e).__name__}: {e}. "
+                          f"{_after_failure(ckpt_dir)}")
+        else:
+            _prune(ckpt_dir, keep_last, set(protect) | {tag}, set(rejected))
+    errors = _broadcast(errors)
+    if errors:
+        raise AllRanksStop(errors[0])
+    return tag
+
+
 def _test_pause(point: str, step: int) -> None:
     if os.environ.get("MF2_TEST_FAULT"):  # the tests' fault injection, never loaded otherwise
         from launcher.testing.faults import pause

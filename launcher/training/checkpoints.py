@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from launcher.checkpoint.marker import MARKER, AllRanksStop, CheckpointError, human_bytes, tag_for
 from launcher.checkpoint.resume import ResumeTargets
-from launcher.checkpoint.store import ensure_universal, remove_incomplete, restore_rng, save
+from launcher.checkpoint.store import ensure_universal, remark, remove_incomplete, restore_rng, save
 
 
 class Stateful(Protocol):
@@ -54,6 +54,7 @@ class Checkpoints:
         self.watchdog, self.log = watchdog, log
         self.deferred = deferred  # the preemption's: holds its signals back while a child process runs
         self.best_tag: str | None = None
+        self.saved_step: int | None = None  # the step this process last saved (its engine state unchanged since)
         self.resumed_from: dict[str, Any] | None = None  # TEMP (issue 21): {"tag", "attempt"} of the loaded one
 
     def maybe_save(self, step: int, force: bool) -> None:
@@ -78,7 +79,11 @@ class Checkpoints:
         self.watchdog.slow("save", self.engine.global_steps)
         # Tags that failed verification at resume count for nothing when keep_last prunes (they go), unless saved anew.
         self.targets.rejected.discard(tag)
-        save(self.engine, self.ckpt_dir, {}, marker, self.keep_last, protect, self.targets.rejected)
+        if self.saved_step == self.engine.global_steps:  # the epoch's end after its last step's interval save
+            remark(self.ckpt_dir, tag, marker, self.keep_last, protect, self.targets.rejected)
+        else:
+            save(self.engine, self.ckpt_dir, {}, marker, self.keep_last, protect, self.targets.rejected)
+        self.saved_step = self.engine.global_steps
         return tag
 
     def load(self, target: tuple[Path, str, dict[str, Any]]) -> None:
@@ -147,5 +152,6 @@ class Checkpoints:
         counters = (engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)
         engine.load_checkpoint(str(self.ckpt_dir), tag=self.best_tag, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
+        self.saved_step = None  # the weights changed: no checkpoint of this step holds them
         engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps = counters
         return self.best_tag
