@@ -456,10 +456,11 @@ def damage_newest(ckpt_dir: Path, fault: Fault, damaged: set[str]) -> str | None
     return f"{tag}/{target['path']}: byte {offset} of {target['bytes']} flipped"
 
 
-def damage_universal(ckpt_dir: Path, fault: Fault, world: int) -> tuple[str, Path, bytes] | None:
-    """Flip a byte of the newest checkpoint's complete universal copy, if the next attempt (on `world`) would load
-    it: (what was done, the file, its damaged content); None when there is no such copy."""
-    tags = [t for t in complete_tags(ckpt_dir) if read_marker(ckpt_dir / t) is not None]
+def damage_universal(ckpt_dir: Path, fault: Fault, world: int, damaged: set[str]) -> tuple[str, Path, bytes] | None:
+    """Flip a byte of the complete universal copy of the checkpoint the next attempt (on `world`) will continue from
+    (the newest one not damaged), if it will load that copy: (what was done, the file, its damaged content); None
+    when there is no such copy."""
+    tags = [t for t in complete_tags(ckpt_dir) if t not in damaged and read_marker(ckpt_dir / t) is not None]
     if not tags:
         return None
     tag = tags[-1]
@@ -706,7 +707,7 @@ class Storm:
         damaged_copy = None
         for f in [f for f in pending if f.kind == UNIVERSAL]:
             pending.remove(f)  # only the attempt right after the resume could load that copy
-            damaged_copy = damage_universal(self.ckpt_dir, f, plan.world)
+            damaged_copy = damage_universal(self.ckpt_dir, f, plan.world, self.damaged)
             if damaged_copy is not None:
                 outcome.before.append(f"{f.kind}: {damaged_copy[0]}")
             else:
