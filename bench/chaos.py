@@ -6,7 +6,7 @@ as SLURM's requeue would, and the proof from the run's own records that nothing 
     python bench/chaos.py --size long --seed 7 --same_world     # no world change: final weights bit-identical
     python bench/chaos.py --seed 7 --disk run        # the small disk holds the whole run directory
     python bench/chaos.py --seed 7 --schedule        # print the schedule only
-    python bench/chaos.py --calibrate 1 2 3          # resize-only storms: what a world change alone does
+    python bench/chaos.py --seed 7 --control         # also the control run (what the world changes alone did)
 
 Run as root (the small disk is a tmpfs it mounts and unmounts; without root, disk-full faults become kill -9 of
 the job), with DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 and the venv's bin first on PATH, as the tests do.
@@ -1154,36 +1154,6 @@ def same_as_control(storm_run: Path, ctrl_run: Path, total_steps: int) -> list[s
     return problems
 
 
-def calibrate(workdir: Path, seeds: list[int], log=print) -> None:
-    """The drift a world change causes (resize-only storms: 2 → 1 → 2 at drawn steps, no other fault) against
-    the size of one optimizer step's update, both relative to how far training moved the weights."""
-    corpus = make_corpus(workdir / "corpus")
-    schedule = draw_schedule(0, "long")
-    schedule = Schedule(0, "calibrate", schedule.epochs, (), ())
-    ref, timings = reference_run(workdir, corpus, schedule, log)
-    init = initial_weights()
-    t = schedule.total_steps
-    steps = [chaos_proof.weights_distance(ref / "checkpoints" / f"step{s:08d}", ref / "checkpoints" / f"step{t:08d}",
-                                          init) for s in (t - 2, t - 4)]
-    log(f"one lost step ≈ {steps[0] / 2:.3e} (steps {t - 2}, {t - 4} vs {t}: {steps[0]:.3e}, {steps[1]:.3e})")
-    for seed in seeds:
-        rng = random.Random(seed)
-        a = rng.randint(2, t // 2)
-        b = rng.randint(a + 1, t - 2)
-        plans = (AttemptPlan(2, (), Fault("preempt", "mid_epoch", a, 0.5, variant="all")),
-                 AttemptPlan(1, (), Fault("preempt", "mid_epoch", b, 0.5, variant="all")), AttemptPlan(2))
-        sched = Schedule(seed, "calibrate", schedule.epochs, (), plans)
-        storm_dir = workdir / f"calibrate_{seed}"
-        shutil.rmtree(storm_dir, ignore_errors=True)
-        storm_dir.mkdir()
-        storm = Storm(sched, storm_dir, corpus, timings, ref, log)
-        storm.run()
-        proof = chaos_proof.prove(storm.run_dir, ref, initial_weights=init)
-        log(f"seed {seed}: world 2 → 1 after step ~{a}, → 2 after ~{b}: final weights "
-            f"{proof.figures.get('final_weights')}, max validation loss rdiff "
-            f"{proof.figures['max_valid_loss_rdiff_after_resize']:.2e}; proof {'ok' if proof.ok else proof.violations}")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=None, help="the storm's seed (default: drawn, and printed)")
@@ -1196,12 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
                         "which the storm must equal bit for bit (default for --size long)")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp/mf2_chaos"), help="work folder (kept)")
     p.add_argument("--schedule", action="store_true", help="print the schedule and exit")
-    p.add_argument("--calibrate", type=int, nargs="*", metavar="SEED", help="resize-only storms (tolerance check)")
     p.add_argument("--out", type=Path, default=None, help="write the result JSON here too")
     args = p.parse_args(argv)
-    if args.calibrate is not None:
-        calibrate(args.dir, args.calibrate or [1, 2, 3])
-        return 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     if args.schedule:
         print("\n".join(draw_schedule(seed, args.size, args.same_world).lines()))
