@@ -12,17 +12,21 @@ bench/chaos.py's docstring):
 The counted chain. Attempts are read in file order. An attempt that resumed at step S0 supersedes every step
 after S0 counted so far (a restart rolled them back; they are "steps lost to restarts"), then adds its own steps
 S0+1, S0+2, ... A resume must continue the chain: the checkpoint it loaded was written by the attempt that
-counted step S0 (the marker's attempt id), else the run resumed from state the chain does not describe.
+counted step S0, or by one that had itself resumed there (the marker's attempt id), else the run resumed from
+state the chain does not describe.
 
 What is proved: the chain holds steps 1..T with T the uninterrupted run's; in every epoch the counted steps'
 ranges tile [0, U) of that epoch's permutation in order (U = its used part), and the permutation is one (so
 every used sample exactly once, none lost, none twice); each digest matches the permutation recomputed from the
 sampler state (the run used the order we check); the steps, ranges, digests and skipped steps equal the
-uninterrupted run's. Agreement of the numbers: while the lineage of a step ran on the reference's world, its
-loss is bitwise the reference's; after a world change, within LOSS_RTOL (see `Tolerances`).
+uninterrupted run's. Agreement of the numbers: while every step so far (and the attempt that wrote the record)
+ran on the uninterrupted run's world, each training and validation loss is bitwise the uninterrupted run's; the
+final checkpoint's tensors too when the world never changed; after a world change, the validation losses and the
+final weights within `Tolerances` (bench/chaos.py's control run then proves bit-identity to a fault-free run with
+the same world history). A metrics.jsonl line that is not JSON (a write cut short) is a violation too.
 
-Only data, json and numpy are needed (plus torch for the checkpoint tensors), no launcher code: the records are
-the interface.
+data.sampler (the permutation), numpy and torch (the checkpoint tensors) are used, no launcher code: the records
+are the interface.
 """
 
 from __future__ import annotations
