@@ -48,18 +48,20 @@ class Tolerances:
     A world change alters two things and nothing else: the order in which a step's gradients are summed (one rank
     accumulating 6 micro-batches, 2 ranks accumulating 3 then all-reducing, 3 ranks x 2) and the dither streams (a
     rank of another world has no RNG state to restore, so it starts afresh). Both perturb the weights at float32
-    rounding level at first; Adam's normalised update and the network's nonlinearity then amplify that, so the bound
-    is empirical. bench/chaos.py's control run isolates it: a fault-free run with the storm's world history, which
-    the storm equals bit for bit, differs from the uninterrupted run by exactly what the world changes did. Measured
-    on the demo storms (issue 21 report): final-weight distances 0.04-0.07, validation losses within 0.3 %. One step
-    trained differently (a non-finite step skipped in one run and not the other) moved them to 0.18 and 2-10 %. The
-    bounds sit between: above the world change's drift with room to spare, below a single step's difference.
+    rounding level at first; Adam's normalised update and the network's nonlinearity then amplify that, the more
+    steps after the change the more, so the bound is empirical. bench/chaos.py's control run isolates it: a
+    fault-free run with the storm's world history, which the storm equals bit for bit, differs from the uninterrupted
+    run by exactly what the world changes did. Measured on the demo storms of the issue 21 report: final-weight
+    distances 0.036-0.083 and validation losses within 1.8 % (28 steps after a change at step 20 of 48). The bounds
+    are about 3x that: they catch what changes a run by an epoch or more (the demo's last epochs move the weights by
+    0.12 of their total displacement each, the validation loss by 2-5 %), such as a lost epoch or optimizer state
+    lost in a conversion, not a single step, whose exactness the records and the control's bit-identity prove.
     """
 
     # ||w - w_ref|| / ||w_ref - w_init|| for the final weights (w_init: the model as built from the seed).
-    weights: float = 0.12
+    weights: float = 0.25
     # |loss - loss_ref| / loss_ref for each validation (every epoch end) after a world change.
-    valid_loss: float = 0.02
+    valid_loss: float = 0.05
 
 
 def read_records(path: Path) -> tuple[list[dict[str, Any]], int]:
