@@ -18,13 +18,13 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, ContextManager, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from launcher.checkpoint.integrity import CHECKSUM, file_record, sizes_match
+from launcher.checkpoint.integrity import CHECKSUM, check_file, file_record, sizes_match
 from launcher.checkpoint.marker import (MARKER, TAG_PATTERN, AllRanksStop, CheckpointError, checkpoint_bytes,
                                         complete_tags, human_bytes, read_marker, tag_for)
 
@@ -166,6 +166,35 @@ def save(engine, ckpt_dir: Path, client_state: dict[str, Any], marker: dict[str,
                 errors.append(_write_failed(engine, ckpt_dir, tag, e))
             else:
                 _prune(ckpt_dir, keep_last, set(protect) | {tag}, set(rejected))
+    errors = _broadcast(errors)
+    if errors:
+        raise AllRanksStop(errors[0])
+    return tag
+
+
+def remark(ckpt_dir: Path, tag: str, marker: dict[str, Any], keep_last: int, protect: Iterable[str] = (),
+           rejected: Iterable[str] = ()) -> str:
+    """All ranks: a new marker for a tag this process saved at this very step (no optimizer step since). Returns it.
+
+    An epoch's end follows the interval save of its last step: the engine's tensors and every rank's RNG state are
+    still those of that save (validation draws no random numbers and changes no weight); only what the marker holds
+    beside them moved on (the sampler at the next epoch, the plateau rule, the best tag). Rewriting the marker alone,
+    atomically and with the same file list, spares writing the same files again and the moment in which a save,
+    deleting the old tag first, leaves no complete checkpoint of this step (a kill or a full disk there cost the
+    steps since the previous checkpoint). A failure leaves the old marker, which still vouches for its files.
+    """
+    errors: list[str] = []
+    if dist.get_rank() == 0:
+        try:
+            old = read_marker(ckpt_dir, tag)
+            _write_json_atomic(ckpt_dir / tag / MARKER, {**marker, "checksum": old["checksum"], "files": old["files"]})
+        except (OSError, ValueError, KeyError) as e:
+            full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+            errors.append(f"rewriting the marker of checkpoint {tag} in {ckpt_dir} failed"
+                          f"{' (the disk or a quota is full)' if full else ''}: {type(e).__name__}: {e}. "
+                          f"{_after_failure(ckpt_dir)}")
+        else:
+            _prune(ckpt_dir, keep_last, set(protect) | {tag}, set(rejected))
     errors = _broadcast(errors)
     if errors:
         raise AllRanksStop(errors[0])
@@ -314,22 +343,69 @@ def restore_rng(ckpt_dir: Path, tag: str, rank: int) -> bool:
     return True
 
 
-def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int) -> Path:
-    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 only; idempotent)."""
+def ensure_universal(ckpt_dir: Path, tag: str, zero_stage: int,
+                     deferred: Callable[[], ContextManager] = contextlib.nullcontext) -> Path:
+    """Convert a ZeRO checkpoint to DeepSpeed's universal format (rank 0 only; idempotent).
+
+    The converter runs under `deferred` (the preemption's: srun signals every process of the step, and a converter
+    killed by a preemption notice would otherwise fail the conversion).
+
+    A conversion that fails for want of disk space says nothing about the checkpoint, which verified: that is an
+    AllRanksStop naming the space (the run must stop, not pass over good checkpoints); any other failure is a
+    CheckpointError, the checkpoint's own (resume then tries the next one).
+    """
     out = ckpt_dir / f"{tag}_universal"
-    if (out / tag / MARKER).is_file():
+    if _copy_verifies(out, tag):
         return out
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(out / tag)]
     if zero_stage < 3:
         cmd.append("--inject_missing_state")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    with deferred():
+        proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
+        shutil.rmtree(out, ignore_errors=True)  # a partial copy only takes space
+        space = _conversion_space_problem(ckpt_dir, tag)
+        if space:
+            raise AllRanksStop(space)
+        if proc.returncode < 0:  # killed (the kernel's OOM killer, an operator): the conversion's fate, not the tag's
+            raise AllRanksStop(f"converting {ckpt_dir / tag} to a universal checkpoint (to resume on another world "
+                               f"size) was killed by signal {-proc.returncode}; the checkpoint itself verified and is "
+                               "intact. Rerun with --resume auto (on a node with more memory if the kernel killed it).")
         raise CheckpointError(
             f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
         )
     # DeepSpeed's universal loader reads the tag from this file.
     (out / "latest_universal").write_text(tag)
-    shutil.copy(ckpt_dir / tag / MARKER, out / tag / MARKER)
+    # The copy is checkpoint files like any other: its marker lists them with their checksums (synced first, as a
+    # save does), so that a copy changed since (bit rot, a torn write) is made again from the intact source instead
+    # of being loaded.
+    copy = out / tag
+    records = [file_record(p, copy, sync=True) for p in sorted(copy.rglob("*")) if p.is_file()]
+    _sync_dir(copy)
+    _write_json_atomic(copy / MARKER, {**read_marker(ckpt_dir, tag), "checksum": CHECKSUM, "files": records})
     return out
+
+
+def _copy_verifies(out: Path, tag: str) -> bool:
+    """A universal copy made and marked complete, whose files all match their sizes and checksums. (A copy of the
+    former layout carries its source's marker, whose files it does not hold: it is made again.)"""
+    try:
+        files = read_marker(out, tag).get("files")
+    except (OSError, ValueError):
+        return False
+    return bool(files) and all(check_file(out / tag, f) is None for f in files)
+
+
+def _conversion_space_problem(ckpt_dir: Path, tag: str) -> str | None:
+    """Why a conversion could not have succeeded for space, or None: the universal copy takes about the source's size
+    (the same tensors, one file per parameter and state)."""
+    free = _free_bytes(ckpt_dir)
+    with contextlib.suppress(OSError, ValueError):
+        needed = checkpoint_bytes(read_marker(ckpt_dir, tag))
+        if free is not None and needed and free < needed:
+            return (f"converting {ckpt_dir / tag} to a universal checkpoint (to resume on another world size) ran out "
+                    f"of space: {human_bytes(free)} free in {ckpt_dir}, the copy needs about {human_bytes(needed)}. "
+                    "The checkpoint itself verified and is intact. Free space there, then rerun with --resume auto.")
+    return None

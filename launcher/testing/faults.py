@@ -29,7 +29,10 @@ def install(engine, rank: int) -> None:
 
     def poison(module, inputs, output):
         step = engine.global_steps + 1
-        if step in targets and engine.micro_steps % engine.gradient_accumulation_steps() == 0:
+        # Training forwards only: a validation between two steps (an epoch's end) runs without gradients and would
+        # use the fault up, so that a run resumed after that validation would get it and the uninterrupted one not.
+        first_micro_batch = engine.micro_steps % engine.gradient_accumulation_steps() == 0
+        if step in targets and torch.is_grad_enabled() and first_micro_batch:
             targets.discard(step)
             return output + 0.0 * torch.sqrt(output.float().sum() * 0.0).to(output.dtype)
         return output

@@ -12,9 +12,9 @@ from typing import Any, Protocol
 
 import torch.distributed as dist
 
-from launcher.checkpoint.marker import MARKER, CheckpointError, human_bytes, tag_for
+from launcher.checkpoint.marker import MARKER, AllRanksStop, CheckpointError, human_bytes, tag_for
 from launcher.checkpoint.resume import ResumeTargets
-from launcher.checkpoint.store import ensure_universal, remove_incomplete, restore_rng, save
+from launcher.checkpoint.store import ensure_universal, remark, remove_incomplete, restore_rng, save
 
 
 class Stateful(Protocol):
@@ -46,13 +46,16 @@ class Checkpoints:
 
     def __init__(self, engine, ckpt_dir: Path, targets: ResumeTargets, states: dict[str, Stateful],
                  facts: dict[str, Any], keep_last: int, interval_steps: int | None, load_universal: bool,
-                 rank: int, world_size: int, watchdog, log) -> None:
+                 rank: int, world_size: int, watchdog, log, deferred) -> None:
         self.engine, self.ckpt_dir, self.targets, self.states = engine, ckpt_dir, targets, states
         self.facts = facts  # world_size, zero_stage, global_batch, preset, plan: written into every marker
         self.keep_last, self.interval_steps, self.load_universal = keep_last, interval_steps, load_universal
         self.rank, self.world_size = rank, world_size
         self.watchdog, self.log = watchdog, log
+        self.deferred = deferred  # the preemption's: holds its signals back while a child process runs
         self.best_tag: str | None = None
+        self.saved_step: int | None = None  # the step this process last saved (its engine state unchanged since)
+        self.resumed_from: dict[str, Any] | None = None  # {"tag", "attempt"} of the checkpoint loaded
 
     def maybe_save(self, step: int, force: bool) -> None:
         """After an optimizer step: save when forced (preemption, the last step) or every `save_interval_steps`."""
@@ -76,7 +79,11 @@ class Checkpoints:
         self.watchdog.slow("save", self.engine.global_steps)
         # Tags that failed verification at resume count for nothing when keep_last prunes (they go), unless saved anew.
         self.targets.rejected.discard(tag)
-        save(self.engine, self.ckpt_dir, {}, marker, self.keep_last, protect, self.targets.rejected)
+        if self.saved_step == self.engine.global_steps:  # the epoch's end after its last step's interval save
+            remark(self.ckpt_dir, tag, marker, self.keep_last, protect, self.targets.rejected)
+        else:
+            save(self.engine, self.ckpt_dir, {}, marker, self.keep_last, protect, self.targets.rejected)
+        self.saved_step = self.engine.global_steps
         return tag
 
     def load(self, target: tuple[Path, str, dict[str, Any]]) -> None:
@@ -91,6 +98,7 @@ class Checkpoints:
         for name, obj in self.states.items():
             obj.load_state_dict(state.get(name))  # None: a state the checkpoint's run did not have (mixing)
         self.best_tag = state.get("best_tag")
+        self.resumed_from = {"tag": tag, "attempt": marker.get("attempt")}
         same_world = marker["world_size"] == self.world_size
         rng_restored = same_world and restore_rng(ckpt_dir, tag, self.rank)
         sampler = self.states["sampler"]
@@ -106,13 +114,18 @@ class Checkpoints:
         """Load one tag on every rank; None, or why it failed on some rank (all ranks then agree)."""
         error, load_dir = None, ckpt_dir
         if self.load_universal:
+            stop = None
             if self.rank == 0:
                 try:
-                    ensure_universal(ckpt_dir, tag, marker["zero_stage"])
+                    ensure_universal(ckpt_dir, tag, marker["zero_stage"], self.deferred)
+                except AllRanksStop as e:  # no space for the copy: not the checkpoint's fault, and not the next one's
+                    stop = str(e)
                 except CheckpointError as e:
                     error = str(e)
-            box = [error]
+            box = [error, stop]
             dist.broadcast_object_list(box, src=0)
+            if box[1]:
+                raise AllRanksStop(box[1])
             if box[0]:
                 return box[0]
             load_dir = ckpt_dir / f"{tag}_universal"
@@ -139,5 +152,6 @@ class Checkpoints:
         counters = (engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps)
         engine.load_checkpoint(str(self.ckpt_dir), tag=self.best_tag, load_optimizer_states=True,
                                load_lr_scheduler_states=False)
+        self.saved_step = None  # the weights changed: no checkpoint of this step holds them
         engine.global_steps, engine.global_samples, engine.micro_steps, engine.skipped_steps = counters
         return self.best_tag

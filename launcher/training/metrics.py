@@ -75,7 +75,8 @@ class Metrics(NullMetrics):
     def log(self, record: dict[str, Any], line: str | None = None) -> None:
         record = {"time": time.time(), **record}
         self.jsonl.write(json.dumps(record) + "\n")
-        if self.tb is not None and "step" in record:
+        # The sample ledger's records (launcher/training/ledger.py) are evidence for the JSONL, not curves.
+        if self.tb is not None and "step" in record and record.get("kind") not in ("samples", "attempt"):
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
                     self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])

@@ -27,6 +27,7 @@ from launcher.training.datasets import build_data
 from launcher.training.engine import build_engine
 from launcher.training.evaluation import EvaluationSchedule
 from launcher.training.feed import DataFeed
+from launcher.training.ledger import SampleLedger
 from launcher.training.metrics import Metrics, NullMetrics, TrainLog
 from launcher.training.mfu import FlopRate, flop_rate
 from launcher.training.mixing import MixTally
@@ -133,16 +134,19 @@ def build_trainer(spec: RunSpec) -> Trainer:
         states["mixing"] = data.mixing  # its record in every marker; loading a checkpoint compares it
     watchdog = Watchdog(env.rank, env.world_size, env.master_addr, env.master_port, t.step_timeout_s,
                         t.slow_phase_timeout_s, log.log)
+    ledger = SampleLedger(data.sampler, plan.global_batch, env.rank, log)
     facts = {"world_size": env.world_size, "zero_stage": built.zero_stage, "global_batch": plan.global_batch,
-             "preset": cfg.model.preset, "plan": plan.to_dict()}
+             "preset": cfg.model.preset, "plan": plan.to_dict(), "attempt": ledger.attempt}
     checkpoints = Checkpoints(built.engine, ckpt_dir, targets, states, facts, t.keep_last, t.save_interval_steps,
-                              load_universal, env.rank, env.world_size, watchdog, log)
+                              load_universal, env.rank, env.world_size, watchdog, log, preempt.deferred)
     if target is not None:
         checkpoints.load(target)
     if os.environ.get("MF2_TEST_FAULT"):  # the tests' fault injection, never loaded otherwise
         from launcher.testing.faults import install
 
         install(built.engine, env.rank)
+    ledger.start(built.engine.global_steps, checkpoints.resumed_from, env.world_size, plan.micro_batch,
+                 plan.accumulation_steps)
     return Trainer(TrainingParts(
         plan=plan, train=t, device=device, built=built, feed=DataFeed(data.loader, data.sampler,
                                                                       plan.accumulation_steps),
@@ -151,5 +155,5 @@ def build_trainer(spec: RunSpec) -> Trainer:
                             t.max_epoch, watchdog, log),
         evaluation=EvaluationSchedule(cfg.data, t, cfg.model.preset, plan.micro_batch, env.rank, env.world_size,
                                       device, log),
-        log=log, watchdog=watchdog.start(), preempt=preempt,
+        log=log, watchdog=watchdog.start(), preempt=preempt, ledger=ledger,
         compile_watch=CompileWatch(t.compile, t.slow_phase_timeout_s, log)))

@@ -27,6 +27,7 @@ from launcher.training.engine import Engine, param_fingerprints
 from launcher.training.errors import TrainingAborted
 from launcher.training.evaluation import EvaluationSchedule
 from launcher.training.feed import DataFeed
+from launcher.training.ledger import SampleLedger
 from launcher.training.metrics import Position, TrainLog
 from launcher.training.nonfinite import StepWindow, account_step, optimizer_step
 from launcher.training.preempt import PREEMPTED_EXIT, Preemption
@@ -55,6 +56,7 @@ class TrainingParts:
     watchdog: Watchdog
     preempt: Preemption
     compile_watch: CompileWatch
+    ledger: SampleLedger
 
 
 class Trainer:
@@ -68,6 +70,7 @@ class Trainer:
         # train.compile's features and loss (launcher/training/engine.py step_functions), eager when it is off.
         self.features, self.loss_fn = parts.built.features, parts.built.loss_fn
         self.compile_watch = parts.compile_watch
+        self.ledger = parts.ledger
         self.exit_code: int | None = None  # set when the run stops before max_epoch: 0 done, 75 preempted
 
     @property
@@ -118,6 +121,7 @@ class Trainer:
         """Count and log the step, validate and checkpoint when due, stop at max_steps or on a preemption."""
         epoch, step = self.feed.epoch, self.engine.global_steps
         self.counters.samples_seen += self.plan.global_batch
+        self.ledger.record_step(epoch, step, applied=result.skipped is None)
         abort = account_step(self.counters, epoch, step, result.totals, result.skipped,
                              self.cfg.max_consecutive_nonfinite, self.log)
         if abort:

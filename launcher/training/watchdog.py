@@ -109,19 +109,36 @@ class Watchdog:
         import torch.distributed as dist
 
         return dist.TCPStore(self.addr, self.port, is_master=False, wait_for_workers=False,
-                             timeout=timedelta(seconds=max(5.0, self.period_s)))
+                             timeout=timedelta(seconds=self._store_timeout_s()))
 
     def _state(self) -> dict[str, Any]:
         return {"time": time.time(), "beats": self.beats, "where": self.where, "step": self.step,
                 "host": socket.gethostname(), "pid": os.getpid()}
 
     def _peers(self, store) -> dict[int, dict[str, Any]] | None:
-        try:
-            store = store or self._connect()
-            keys = [_KEY.format(r) for r in range(self.world)]
-            return {r: json.loads(store.get(k)) for r, k in enumerate(keys) if store.check([k])}
-        except Exception:
-            return None
+        """Every rank's last record; None when the store does not answer.
+
+        A store whose host process is stopped (SIGSTOP, a wedged node) still accepts the connection and the request,
+        and never replies: TCPStore.get then blocks far past its own timeout (torch 2.x: over 100 s with a 5 s
+        timeout). So the query runs in a thread of its own, and the verdict does not wait for it beyond that timeout.
+        """
+        answer: list[dict[int, dict[str, Any]] | None] = [None]
+
+        def query() -> None:
+            try:
+                client = store or self._connect()
+                keys = [_KEY.format(r) for r in range(self.world)]
+                answer[0] = {r: json.loads(client.get(k)) for r, k in enumerate(keys) if client.check([k])}
+            except Exception:
+                pass
+
+        thread = threading.Thread(target=query, name="mf2-watchdog-peers", daemon=True)
+        thread.start()
+        thread.join(self._store_timeout_s() + 1.0)
+        return answer[0]
+
+    def _store_timeout_s(self) -> float:
+        return max(5.0, self.period_s)
 
     def verdict(self, peers: dict[int, dict[str, Any]] | None) -> tuple[list[int], str]:
         """(ranks that stopped making progress, why), from every rank's last published record."""
