@@ -607,7 +607,7 @@ def bench_preset(preset: str, method: str, args) -> dict:
     foreach = Step(initialize(build(preset, "eager"), ds_config(0, "fp32", 1, 1, 1, foreach=True)), "eager",
                    torch.float32)
     out["optimizer_step_foreach"] = count_launches(foreach.engine.step, [], prepare=lambda: foreach.micro(noisy, clean))
-    del foreach
+    foreach = None  # its engine freed before the timings
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.repeats):
         for name in list(steps):

@@ -437,6 +437,43 @@ def test_a_stopped_rank_ends_the_job_naming_it(demo_corpus, tmp_path, stopped_ra
         assert "rank 0 (or its node) has most likely stopped" in out, out[-4000:]
 
 
+def test_a_rank_stopped_while_resuming_ends_the_job_naming_it(demo_corpus, tmp_path):
+    """The watchdog runs from the end of the data set-up on, not only once training runs: a rank stopped while the
+    checkpoint is checked, the engine built or the checkpoint loaded used to hold the job until the collective
+    timeout (found by the chaos storm of issue 21, seed 3 of the long storm). Here both ranks wait just before
+    loading (MF2_TEST_FAULT pause), rank 1 is stopped, and rank 0, let go, waits for it inside the load."""
+    run_dir = tmp_path / "resume_hang"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2", "data.valid_list=none")))
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    env = train_env(MF2_COLLECTIVE_TIMEOUT_S="900", MF2_TEST_FAULT="pause@resume:load@2",
+                    MF2_TEST_FAULT_DIR=str(faults))
+    proc = subprocess.Popen(deepspeed_cmd(*demo_args(demo_corpus, run_dir, "train.max_steps=4", "data.valid_list=none",
+                                                     "--resume", "auto", "train.step_timeout_s=10",
+                                                     "train.slow_phase_timeout_s=40")),
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    stopped = None
+    try:
+        wait_for(lambda: all((faults / f"paused.rank{r}").exists() for r in (0, 1)), 300, "both ranks to pause")
+        ranks = subprocess.run(["pgrep", "-f", f"launcher/train.py --local_rank=1 .*{run_dir}"],
+                               capture_output=True, text=True).stdout.split()
+        stopped = int(ranks[0])
+        os.kill(stopped, signal.SIGSTOP)
+        (faults / "release").touch()
+        released = time.monotonic()
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
+    assert proc.returncode != 0 and time.monotonic() - released < 40 + 30 + 60, out[-4000:]
+    assert "[watchdog] rank 0: no progress" in out and "resume: loading the checkpoint" in out, out[-4000:]
+    assert "rank 1 (host" in out and "stopped making progress" in out, out[-4000:]
+
+
 # ---- read-only data folders -------------------------------------------------------------------------------
 
 @contextlib.contextmanager

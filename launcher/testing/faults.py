@@ -4,7 +4,8 @@ MF2_TEST_FAULT is set.
 MF2_TEST_FAULT holds comma-separated faults:
     nonfinite_grad@STEP@RANK   the first micro-batch of optimizer step STEP on RANK gets NaN gradients while
                                its loss stays finite (0 · sqrt(0) in the output's graph: finite forward, NaN backward)
-    pause@POINT@STEP           every rank stops at POINT of the save of step STEP (see `pause`)
+    pause@POINT@STEP           every rank stops at POINT (save:before_write and save:before_marker of the save of
+                               step STEP, resume:load before loading the checkpoint of step STEP; see `pause`)
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ The store itself (files, checksums, marker, retention) is launcher/checkpoint/st
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +90,10 @@ class Checkpoints:
     def load(self, target: tuple[Path, str, dict[str, Any]]) -> None:
         """Continue from `target` (from ResumeTargets.next()), or from the next one that loads."""
         ckpt_dir, tag, marker = target
+        if os.environ.get("MF2_TEST_FAULT"):  # the tests' fault injection, never loaded otherwise
+            from launcher.testing.faults import pause
+
+            pause("resume:load", marker["step"], self.rank)
         while (error := self._load_tag(ckpt_dir, tag, marker)) is not None:
             # Verified files that still do not load (a format this DeepSpeed cannot read): the next one that suits
             # the engine as built (a universal checkpoint needs one configured for it), or ResumeRefused.

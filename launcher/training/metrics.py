@@ -6,10 +6,13 @@ decides when a training record is due (`train.log_interval_steps`) and what it h
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import sys
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,83 @@ class NullMetrics:
     def close(self) -> None: ...
 
 
+def _warn(text: str) -> None:
+    """A warning on stderr that cannot itself stop training (stderr may be a file on the disk that is full)."""
+    try:
+        print(f"[metrics] {text}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+
+
+class RecordFile:
+    """metrics.jsonl, appended one whole line at a time.
+
+    A write that fails (a full disk or quota, a network file system away) must not end a run that could still save
+    its next checkpoint, nor leave a torn line: the records stay in memory, in order, the part of a line already
+    written included, and go out with the next write that succeeds. Beyond MAX_HELD held records, new ones are
+    counted and dropped. One warning when writing stops and one when it works again.
+    """
+
+    MAX_HELD = 100_000  # about 30 MB of records
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file = open(path, "ab", buffering=0)  # unbuffered: a partial write is known to the byte
+        self.held: deque[bytes] = deque()
+        self.dropped = 0
+        self.failing: OSError | None = None
+        self.lock = threading.Lock()  # the watchdog's thread writes its verdict while the main thread may log
+
+    def write(self, line: str) -> None:
+        with self.lock:
+            if len(self.held) >= self.MAX_HELD:
+                self.dropped += 1
+            else:
+                self.held.append(line.encode())
+            self._flush()
+
+    def _flush(self) -> bool:
+        """Write what is held; False if some of it still could not be written."""
+        held_before = len(self.held)
+        while self.held:
+            try:
+                n = self.file.write(self.held[0])
+                if not n:
+                    raise OSError(errno.ENOSPC, "no byte written")
+            except OSError as e:
+                self._failed(e)
+                return False
+            if n < len(self.held[0]):
+                self.held[0] = self.held[0][n:]
+            else:
+                self.held.popleft()
+        if self.failing is not None:
+            _warn(f"{self.path}: writing again; {held_before} held records written"
+                  + (f", {self.dropped} beyond {self.MAX_HELD} were lost" if self.dropped else ""))
+            self.failing, self.dropped = None, 0
+        return True
+
+    def _failed(self, error: OSError) -> None:
+        if self.failing is None:
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            _warn(f"{self.path}: a write failed{' (the disk or a quota is full)' if full else ''}: {error}. Training "
+                  f"goes on; records are held in memory (up to {self.MAX_HELD}) and written once space returns.")
+        self.failing = error
+
+    def close(self) -> None:
+        with self.lock:
+            if not self._flush():
+                _warn(f"{self.path}: {len(self.held) + self.dropped} records could not be written: {self.failing}")
+            self.file.close()
+
+
 class Metrics(NullMetrics):
     def __init__(self, run_dir: Path, max_epoch: int, progress_bar: bool = True) -> None:
         from rich.console import Console
 
         self.console = Console(stderr=False, highlight=False)
         self.max_epoch = max_epoch
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.jsonl = RecordFile(run_dir / "metrics.jsonl")
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -77,9 +150,12 @@ class Metrics(NullMetrics):
         self.jsonl.write(json.dumps(record) + "\n")
         # The sample ledger's records (launcher/training/ledger.py) are evidence for the JSONL, not curves.
         if self.tb is not None and "step" in record and record.get("kind") not in ("samples", "attempt"):
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
-                    self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            try:
+                for key, value in record.items():
+                    if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
+                        self.tb.add_scalar(f"{record.get('kind', 'train')}/{key}", value, record["step"])
+            except OSError as e:  # its writer thread's failure (a full disk), raised here
+                self._tensorboard_off(e)
         if line:
             self.print(line)
         if self.progress is not None and self.task is not None and record.get("kind") == "train":
@@ -91,16 +167,30 @@ class Metrics(NullMetrics):
             ))
 
     def print(self, text: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(text)
-        else:
-            print(text, flush=True)
+        try:
+            if self.progress is not None:
+                self.progress.console.print(text)
+            else:
+                print(text, flush=True)
+        except OSError:  # stdout redirected to a file on a full disk: the line is in metrics.jsonl as a record
+            pass
+
+    def _tensorboard_off(self, error: OSError) -> None:
+        _warn(f"TensorBoard stops for the rest of this run (metrics.jsonl keeps every record): {error}")
+        tb, self.tb = self.tb, None
+        try:
+            tb.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError as e:
+                self._tensorboard_off(e)
         self.jsonl.close()
 
 

@@ -105,9 +105,17 @@ def _schedule(plan: Plan, cfg: Config, steps_per_epoch: int) -> LRSchedule:
                       min_lr_ratio=s.min_lr_ratio, halve_after=s.halve_after, stop_after=s.stop_after, factor=s.factor)
 
 
+def _checkpoints(spec: RunSpec, built, targets, states: dict[str, Any], ledger: SampleLedger, load_universal: bool,
+                 watchdog: Watchdog, log: TrainLog, preempt: Preemption) -> Checkpoints:
+    cfg, plan, env, t = spec.cfg, spec.plan, spec.env, spec.cfg.train
+    facts = {"world_size": env.world_size, "zero_stage": built.zero_stage, "global_batch": plan.global_batch,
+             "preset": cfg.model.preset, "plan": plan.to_dict(), "attempt": ledger.attempt}
+    return Checkpoints(built.engine, spec.run_dir / "checkpoints", targets, states, facts, t.keep_last,
+                       t.save_interval_steps, load_universal, env.rank, env.world_size, watchdog, log, preempt.deferred)
+
+
 def build_trainer(spec: RunSpec) -> Trainer:
-    cfg, plan, env = spec.cfg, spec.plan, spec.env
-    t = cfg.train
+    cfg, plan, env, t = spec.cfg, spec.plan, spec.env, spec.cfg.train
     preempt = Preemption()  # first: a notice during set-up still yields a checkpoint
     device, device_settings = start_process_group(env, spec.run_dir, cfg.cuda, preempt)
     sink = Metrics(spec.run_dir, t.max_epoch, t.progress_bar) if env.rank == 0 else NullMetrics()
@@ -117,14 +125,19 @@ def build_trainer(spec: RunSpec) -> Trainer:
                    cfg.data.segment_seconds, device, tally, rate)
     write_run_record(spec, device_settings)
     log.log(flops_record)
-    ckpt_dir = spec.run_dir / "checkpoints"
-    targets = open_resume(spec.resume, ckpt_dir, plan.global_batch, env.rank, log)
-    target = targets.next()
-    load_universal = bool(target and needs_universal(target[2], env.world_size))
+    # Not under the watchdog: rank 0 may check the headers of a large corpus while the others wait for it (the
+    # collective timeout bounds that). Every later stage is, within train.slow_phase_timeout_s, naming a stopped rank.
     data = build_data(cfg.data, cfg.mixing, t.seed, plan.micro_batch, plan.global_batch, env.rank, env.world_size,
                       spec.run_dir, device, log)
     if data.mixing is not None:
         data.mixing.write(spec.run_dir, env.rank)
+    watchdog = Watchdog(env.rank, env.world_size, env.master_addr, env.master_port, t.step_timeout_s,
+                        t.slow_phase_timeout_s, log.log).start()
+    watchdog.slow("resume: checking the checkpoints", 0)
+    targets = open_resume(spec.resume, spec.run_dir / "checkpoints", plan.global_batch, env.rank, log)
+    target = targets.next()
+    load_universal = bool(target and needs_universal(target[2], env.world_size))
+    watchdog.slow("building the engine", 0)
     built = build_engine(cfg.model.preset, t.seed, spec.ds_config, env.rank, spec.init, load_universal, log,
                          regions=t.compile, device_type=device.type)
     schedule = _schedule(plan, cfg, data.sampler.samples_per_epoch // plan.global_batch)
@@ -132,14 +145,10 @@ def build_trainer(spec: RunSpec) -> Trainer:
     states = {"sampler": data.sampler, "schedule": schedule, "counters": counters}
     if data.mixing is not None:
         states["mixing"] = data.mixing  # its record in every marker; loading a checkpoint compares it
-    watchdog = Watchdog(env.rank, env.world_size, env.master_addr, env.master_port, t.step_timeout_s,
-                        t.slow_phase_timeout_s, log.log)
     ledger = SampleLedger(data.sampler, plan.global_batch, env.rank, log)
-    facts = {"world_size": env.world_size, "zero_stage": built.zero_stage, "global_batch": plan.global_batch,
-             "preset": cfg.model.preset, "plan": plan.to_dict(), "attempt": ledger.attempt}
-    checkpoints = Checkpoints(built.engine, ckpt_dir, targets, states, facts, t.keep_last, t.save_interval_steps,
-                              load_universal, env.rank, env.world_size, watchdog, log, preempt.deferred)
+    checkpoints = _checkpoints(spec, built, targets, states, ledger, load_universal, watchdog, log, preempt)
     if target is not None:
+        watchdog.slow("resume: loading the checkpoint", 0)
         checkpoints.load(target)
     if os.environ.get("MF2_TEST_FAULT"):  # the tests' fault injection, never loaded otherwise
         from launcher.testing.faults import install
@@ -147,6 +156,7 @@ def build_trainer(spec: RunSpec) -> Trainer:
         install(built.engine, env.rank)
     ledger.start(built.engine.global_steps, checkpoints.resumed_from, env.world_size, plan.micro_batch,
                  plan.accumulation_steps)
+    watchdog.slow("first step", built.engine.global_steps + 1)
     return Trainer(TrainingParts(
         plan=plan, train=t, device=device, built=built, feed=DataFeed(data.loader, data.sampler,
                                                                       plan.accumulation_steps),
@@ -155,5 +165,5 @@ def build_trainer(spec: RunSpec) -> Trainer:
                             t.max_epoch, watchdog, log),
         evaluation=EvaluationSchedule(cfg.data, t, cfg.model.preset, plan.micro_batch, env.rank, env.world_size,
                                       device, log),
-        log=log, watchdog=watchdog.start(), preempt=preempt, ledger=ledger,
+        log=log, watchdog=watchdog, preempt=preempt, ledger=ledger,
         compile_watch=CompileWatch(t.compile, t.slow_phase_timeout_s, log)))
