@@ -122,9 +122,9 @@ def end_like_srun(proc: subprocess.Popen, stopped: int, other: int, timeout_s: f
 
 # bf16 runs at ZeRO >= 1 (ds_configs/bf16.json accumulates gradients in fp32, which DeepSpeed does only there);
 # ZeRO 1 in bf16 is DeepSpeed's BF16 optimizer, ZeRO 2 and 3 its ZeRO optimizers.
-# fp32 at ZeRO 1 runs the optimizer class of ZeRO 2 (stage 1 only shards less): covered by (2, "fp32").
-@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"),
-                                             (1, "bf16"), (2, "bf16"), (3, "bf16")])
+# Left out to keep `make test` short: fp32 at ZeRO 1 (the optimizer class of ZeRO 2, sharding less) and bf16 at ZeRO 2
+# (that class in bf16, whose skip tests/test_train.py's non-finite micro-batch test [2-bf16] runs).
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (1, "bf16"), (3, "bf16")])
 def test_nonfinite_gradients_skip_the_step_and_touch_neither_weights_nor_adam(demo_corpus, tmp_path, stage, precision):
     ds = f"ds_configs/bs4.json+ds_configs/zero{stage}.json" + ("+ds_configs/bf16.json" if precision == "bf16" else "")
     run_dir = tmp_path / "run"
@@ -426,9 +426,9 @@ def test_kill_9_inside_a_save_resumes_from_the_previous_checkpoint_exactly(demo_
 # ---- a rank that hangs instead of dying ------------------------------------------------------------------
 
 # Rank 0 hosts the job's rendezvous store that the watchdogs talk through: stopping it is the harder case (a stopped
-# store host accepts requests and never answers; the chaos storm of issue 21 found the job then never ended).
-@pytest.mark.parametrize("stopped_rank", [1, 0])
-def test_a_stopped_rank_ends_the_job_naming_it(demo_corpus, tmp_path, stopped_rank):
+# store host accepts requests and never answers; the chaos storm of issue 21 found the job then never ended). Rank 1
+# stopped is the next test's case: it is stopped while resuming, where rank 0's watchdog names it the same way.
+def test_a_stopped_rank_0_ends_the_job_naming_its_host(demo_corpus, tmp_path):
     run_dir = tmp_path / "hang"
     # The collective timeout is well above the watchdog's bound, so only the watchdog can end this job early.
     env = train_env(MF2_COLLECTIVE_TIMEOUT_S="900")
@@ -437,35 +437,30 @@ def test_a_stopped_rank_ends_the_job_naming_it(demo_corpus, tmp_path, stopped_ra
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     stopped = None
-    other = 1 - stopped_rank
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(records(run_dir, "train")) >= 3, 300,
                  "training to run")
-        stopped, other_pid = rank_pid(run_dir, stopped_rank), rank_pid(run_dir, other)
+        stopped, other = rank_pid(run_dir, 0), rank_pid(run_dir, 1)
         os.kill(stopped, signal.SIGSTOP)
-        took, out = end_like_srun(proc, stopped, other_pid, 300)
+        took, out = end_like_srun(proc, stopped, other, 300)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         if stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stopped, signal.SIGKILL)
-    print(f"watchdog verdict after {took:.1f} s")
     assert proc.returncode != 0 and took < 8 + 60, out[-4000:]
-    assert f"[watchdog] rank {other}: no progress" in out, out[-4000:]
-    if stopped_rank == 1:
-        assert "rank 1 (host" in out and "stopped making progress" in out, out[-4000:]
-        [hang] = records(run_dir, "hang")
-        assert hang["culprits"] == [1]
-    else:  # the store does not answer: the verdict names its host; rank 0 writes metrics.jsonl, so no record
-        assert "rank 0 (or its node) has most likely stopped" in out, out[-4000:]
+    assert "[watchdog] rank 1: no progress" in out, out[-4000:]
+    # The store does not answer: the verdict names its host; rank 0 writes metrics.jsonl, so no record.
+    assert "rank 0 (or its node) has most likely stopped" in out, out[-4000:]
 
 
 def test_a_rank_stopped_while_resuming_ends_the_job_naming_it(demo_corpus, tmp_path):
     """The watchdog runs from the end of the data set-up on, not only once training runs: a rank stopped while the
     checkpoint is checked, the engine built or the checkpoint loaded used to hold the job until the collective
     timeout (found by the chaos storm of issue 21, seed 3 of the long storm). Here both ranks wait just before
-    loading (MF2_TEST_FAULT pause), rank 1 is stopped, and rank 0, let go, waits for it inside the load."""
+    loading (MF2_TEST_FAULT pause), rank 1 is stopped, and rank 0, let go, waits for it inside the load: its watchdog
+    names rank 1 on the console and in metrics.jsonl's `hang` record."""
     run_dir = tmp_path / "resume_hang"
     ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2", "data.valid_list=none")))
     faults = tmp_path / "faults"
@@ -474,7 +469,7 @@ def test_a_rank_stopped_while_resuming_ends_the_job_naming_it(demo_corpus, tmp_p
                     MF2_TEST_FAULT_DIR=str(faults))
     proc = subprocess.Popen(deepspeed_cmd(*demo_args(demo_corpus, run_dir, "train.max_steps=4", "data.valid_list=none",
                                                      "--resume", "auto", "train.step_timeout_s=10",
-                                                     "train.slow_phase_timeout_s=20")),
+                                                     "train.slow_phase_timeout_s=12")),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     stopped = None
@@ -490,9 +485,11 @@ def test_a_rank_stopped_while_resuming_ends_the_job_naming_it(demo_corpus, tmp_p
         if stopped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(stopped, signal.SIGKILL)
-    assert proc.returncode != 0 and took < 20 + 60, out[-4000:]
+    assert proc.returncode != 0 and took < 12 + 60, out[-4000:]
     assert "[watchdog] rank 0: no progress" in out and "resume: loading the checkpoint" in out, out[-4000:]
     assert "rank 1 (host" in out and "stopped making progress" in out, out[-4000:]
+    [hang] = records(run_dir, "hang")
+    assert hang["culprits"] == [1]
 
 
 # ---- read-only data folders -------------------------------------------------------------------------------

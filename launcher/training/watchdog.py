@@ -18,7 +18,8 @@ ends the step after its `--wait` (slurm/train_48k.sbatch: 60 s), and the batch s
 The budget is `train.step_timeout_s` (default 300 s: two orders of magnitude above a slow micro-batch,
 a sixth of the collective timeout) between micro-batches once the run is warm. Phases that may
 legitimately take long without a beat get `train.slow_phase_timeout_s` (default 1500 s, still below the
-collective timeout so that the named verdict comes first): the first optimizer step after a (re)start
+collective timeout so that the named verdict comes first): the start after the data set-up (checking the
+checkpoints, building the engine, loading a checkpoint), the first optimizer step after a (re)start
 (compilation, autotuning, allocator warm-up), checkpoint saves, validation and the whole epoch end
 (where the next epoch's loader also starts). A data-loading stall longer than the step budget is a
 hang like any other: the stalled rank is the one named, and its message shows it waiting for data.
