@@ -37,6 +37,11 @@ class CompileWatch:
         self.t0 = time.perf_counter()
         self.graphs: int | None = None  # after the last step; None before the first
 
+    @property
+    def compiles_next(self) -> bool:
+        """The next optimizer step compiles the regions: the first after a start, with train.compile on."""
+        return self.regions != "off" and self.graphs is None
+
     def after_step(self, step: int) -> None:
         if self.regions == "off":
             return

@@ -13,9 +13,10 @@ loop holds no interval arithmetic. launcher/training/setup.py builds the parts.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, ContextManager, Iterable
 
 import torch.distributed as dist
 
@@ -82,10 +83,19 @@ class Trainer:
         while not self.stopping and self.feed.epoch < self.cfg.max_epoch:
             self.start_epoch()
             for micro_batches in self.feed.steps(stop=lambda: self.stopping):
-                self.after_step(self.train_step(micro_batches))
+                with self.notices_held_while_compiling():
+                    result = self.train_step(micro_batches)
+                self.after_step(result)
             if not self.stopping and self.feed.epoch_done:
                 self.end_epoch()
         return self.finish()
+
+    def notices_held_while_compiling(self) -> ContextManager:
+        """The step that compiles (the first after a start, with train.compile on) runs g++ and inductor's compile
+        workers, which a preemption notice sent to every process of the job step (srun) would kill, failing the
+        compile and the run. The notice is held back from them (the signal mask survives fork and exec); the rank's
+        handler still sets its flag, and the run stops for requeue at the step's end as it would otherwise."""
+        return self.preempt.deferred() if self.compile_watch.compiles_next else contextlib.nullcontext()
 
     def start_epoch(self) -> None:
         self.log.start_epoch(self.feed.epoch, self.feed.micro_batches_per_epoch, self.feed.micro_batches_done)
