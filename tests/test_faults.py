@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +22,10 @@ import pytest
 import torch
 
 from conftest import ROOT, deepspeed_cmd, read_jsonl, run_deepspeed, train_env
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+from chaos_proof import checkpoint_tensors  # noqa: E402  (every tensor of a tag, by file and key path)
 
 pytestmark = pytest.mark.slow
 
@@ -51,26 +56,6 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(run_dir, "train")}
 
 
-def tensors(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DeepSpeed tag (weights, optimizer state, Adam step counts), by file and key path."""
-    out: dict[str, torch.Tensor] = {}
-
-    def walk(obj, key: str) -> None:
-        if torch.is_tensor(obj):
-            out[key] = obj
-        elif isinstance(obj, dict):
-            for k, v in obj.items():
-                walk(v, f"{key}/{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                walk(v, f"{key}/{i}")
-
-    for f in sorted(tag_dir.glob("*.pt")):
-        if not f.name.startswith("rng_"):
-            walk(torch.load(f, map_location="cpu", weights_only=False), f.name)
-    return out
-
-
 def marker(run_dir: Path, step: int) -> dict:
     return json.loads((run_dir / "checkpoints" / f"step{step:08d}" / "COMPLETE.json").read_text())
 
@@ -97,25 +82,39 @@ def rank_pid(run_dir: Path, rank: int) -> int:
     return int(pids[0])
 
 
-def end_like_srun(proc: subprocess.Popen, stopped: int, other: int, timeout_s: float) -> tuple[float, str]:
-    """Wait for rank `other` to exit (its watchdog's verdict), then kill the stopped rank as srun's --kill-on-bad-exit
-    does (DeepSpeed's launcher would wait 30 s for it to take a SIGTERM it cannot see); (seconds until `other`
-    exited, the job's output)."""
+def stop_rank_and_end_like_srun(proc: subprocess.Popen, run_dir: Path, stopped_rank: int,
+                                release: Path | None = None) -> tuple[float, str]:
+    """SIGSTOP `stopped_rank` (then touch `release`, letting paused ranks go on), wait for the other rank to exit (its
+    watchdog's verdict), then kill the stopped rank as srun's --kill-on-bad-exit does (DeepSpeed's launcher would
+    wait 30 s for it to take a SIGTERM it cannot see); (seconds from the stop until the other rank exited, the job's
+    output). Whatever is left of the job is killed on the way out."""
     import psutil
 
-    t0 = time.monotonic()
+    stopped = None
+    try:
+        stopped, other = rank_pid(run_dir, stopped_rank), rank_pid(run_dir, 1 - stopped_rank)
+        os.kill(stopped, signal.SIGSTOP)
+        if release is not None:
+            release.touch()
+        t0 = time.monotonic()
 
-    def other_exited() -> bool:
-        try:
-            return psutil.Process(other).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
+        def other_exited() -> bool:
+            try:
+                return psutil.Process(other).status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return True
 
-    wait_for(other_exited, timeout_s, "the other rank's watchdog to end it")
-    took = time.monotonic() - t0
-    os.kill(stopped, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=60)
-    return took, out
+        wait_for(other_exited, 300, "the other rank's watchdog to end it")
+        took = time.monotonic() - t0
+        os.kill(stopped, signal.SIGKILL)
+        out, _ = proc.communicate(timeout=60)
+        return took, out
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGKILL)
 
 
 # ---- non-finite gradients with a finite loss ------------------------------------------------------------
@@ -141,7 +140,7 @@ def test_nonfinite_gradients_skip_the_step_and_touch_neither_weights_nor_adam(de
     a, b = end["param_fingerprints"]
     assert a == b and all(x == x for x in a), f"ranks disagree or hold NaN: {a} vs {b}"
     # The skipped step left every tensor of the checkpoint as it was: weights, Adam's moments and its step count.
-    before, skipped, after = (tensors(run_dir / "checkpoints" / f"step{s:08d}") for s in (2, 3, 4))
+    before, skipped, after = (checkpoint_tensors(run_dir / "checkpoints" / f"step{s:08d}") for s in (2, 3, 4))
     assert before.keys() == skipped.keys() and any("exp_avg" in k for k in before)
     changed = [k for k in before if not torch.equal(before[k], skipped[k])]
     assert not changed, f"the skipped step changed {changed[:5]}"
@@ -436,19 +435,13 @@ def test_a_stopped_rank_0_ends_the_job_naming_its_host(demo_corpus, tmp_path):
                                                      "train.step_timeout_s=8", "train.slow_phase_timeout_s=120")),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    stopped = None
     try:
         wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(records(run_dir, "train")) >= 3, 300,
                  "training to run")
-        stopped, other = rank_pid(run_dir, 0), rank_pid(run_dir, 1)
-        os.kill(stopped, signal.SIGSTOP)
-        took, out = end_like_srun(proc, stopped, other, 300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(stopped, signal.SIGKILL)
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    took, out = stop_rank_and_end_like_srun(proc, run_dir, 0)
     assert proc.returncode != 0 and took < 8 + 60, out[-4000:]
     assert "[watchdog] rank 1: no progress" in out, out[-4000:]
     # The store does not answer: the verdict names its host; rank 0 writes metrics.jsonl, so no record.
@@ -472,19 +465,12 @@ def test_a_rank_stopped_while_resuming_ends_the_job_naming_it(demo_corpus, tmp_p
                                                      "train.slow_phase_timeout_s=12")),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    stopped = None
     try:
         wait_for(lambda: all((faults / f"paused.rank{r}").exists() for r in (0, 1)), 300, "both ranks to pause")
-        stopped, other = rank_pid(run_dir, 1), rank_pid(run_dir, 0)
-        os.kill(stopped, signal.SIGSTOP)
-        (faults / "release").touch()
-        took, out = end_like_srun(proc, stopped, other, 300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        if stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(stopped, signal.SIGKILL)
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    took, out = stop_rank_and_end_like_srun(proc, run_dir, 1, release=faults / "release")
     assert proc.returncode != 0 and took < 12 + 60, out[-4000:]
     assert "[watchdog] rank 0: no progress" in out and "resume: loading the checkpoint" in out, out[-4000:]
     assert "rank 1 (host" in out and "stopped making progress" in out, out[-4000:]
