@@ -308,14 +308,21 @@ def checkpoint_tensors(tag_dir: Path) -> dict[str, Any]:
     return out
 
 
-def same_tensors(a_dir: Path, b_dir: Path) -> list[str]:
-    """Keys whose tensors differ in any bit (or exist in one tag only)."""
+def same_bits(a: Any, b: Any) -> bool:
+    """Equal dtype, shape and bits: unlike torch.equal, a NaN equals the same NaN (a tensor is unchanged)."""
     import torch
 
+    def as_bytes(t: Any) -> Any:
+        return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
+
+
+def same_tensors(a_dir: Path, b_dir: Path) -> list[str]:
+    """Keys whose tensors differ in any bit (or exist in one tag only)."""
     a, b = checkpoint_tensors(a_dir), checkpoint_tensors(b_dir)
     differ = sorted(set(a) ^ set(b))
-    differ += [k for k in sorted(set(a) & set(b))
-               if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+    differ += [k for k in sorted(set(a) & set(b)) if not same_bits(a[k], b[k])]
     if not a:
         differ.append(f"no tensors in {a_dir}")
     return differ

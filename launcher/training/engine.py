@@ -116,9 +116,35 @@ def build_engine(preset: str, seed: int, ds_config: Mapping[str, Any], rank: int
     input_dtype = (torch.bfloat16 if config.get("bf16", {}).get("enabled")
                    else torch.float16 if config.get("fp16", {}).get("enabled") else torch.float32)
     zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
+    if zero_stage == 3:
+        zero_partition_padding(engine.optimizer)
     confirm_after_initialize(engine, init, zero_stage, log)
     features, loss_fn = step_functions(engine.module, regions, device_type)
     return Engine(engine, input_dtype, zero_stage, features, loss_fn)
+
+
+def zero_partition_padding(optimizer) -> None:
+    """Zero the tail of the last rank's ZeRO-3 partitions, which DeepSpeed 0.19.8 leaves as uninitialised memory.
+
+    ZeRO 3 splits each parameter into world-size pieces of ceil(numel / world) elements; the last rank's piece
+    is padded and DeepSpeed allocates it with torch.empty (partition_parameters.py `_partition_param`) and copies
+    only the real elements in. Never read for the model, the padding still reaches the checkpoints: seen as
+    1.2e23 in the fp32 master weights, and as NaN once (CI), which made two checkpoints of the same weights
+    compare unequal and two identical runs' checkpoints differ in bits. Zeroed once here, before any step or
+    checkpoint load, it stays zero: its gradients are zero padding too.
+    """
+    for i, params in enumerate(optimizer.fp16_groups):
+        flats = [optimizer.fp16_partitioned_groups_flat[i], optimizer.fp32_partitioned_groups_flat[i]]
+        flats = list({id(t): t for t in flats if t is not None and t.numel()}.values())  # fp32: the same tensor
+        offset = 0
+        for param, padding in zip(params, optimizer.groups_padding[i], strict=True):
+            size = param.partition_numel()
+            if padding:
+                with torch.no_grad():
+                    param.ds_tensor.narrow(0, size - padding, padding).zero_()
+                    for flat in flats:
+                        flat.narrow(0, offset + size - padding, padding).zero_()
+            offset += size
 
 
 def param_fingerprints(engine, zero_stage: int, device) -> list[list[float]]:
