@@ -303,15 +303,28 @@ def test_disk_full_stops_the_run_and_keeps_the_previous_checkpoint(demo_corpus, 
         assert marker(run_dir, 4)["step"] == 4 and records(run_dir, "end")[-1]["step"] == 4
 
 
-def test_disk_full_during_a_universal_conversion_stops_the_run_and_passes_over_no_checkpoint(demo_corpus, tmp_path):
+# The three universal-conversion tests below resume this one 2-rank ZeRO-2 run (checkpoints of steps 1 and 2) on
+# 1 rank, each from its own copy: a ZeRO-2 checkpoint of 2 ranks goes through a universal copy there.
+ZERO2 = "ds_configs/bs4.json+ds_configs/zero2.json"
+ZERO2_SAVES = ("train.save_interval_steps=1", "train.keep_last=2")
+
+
+@pytest.fixture(scope="module")
+def zero2_two_steps(demo_corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("zero2") / "run"
+    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2", *ZERO2_SAVES, ds=ZERO2)))
+    return run_dir
+
+
+def test_disk_full_during_a_universal_conversion_stops_the_run_and_passes_over_no_checkpoint(demo_corpus, tmp_path,
+                                                                                             zero2_two_steps):
     # Found by the chaos storm (issue 21): the conversion's failure was taken for the checkpoint's, every good
     # checkpoint was skipped as one "DeepSpeed cannot load", and the run was refused (exit 2, no requeue) with the
     # advice to move them away.
-    ds = "ds_configs/bs4.json+ds_configs/zero2.json"
+    ds, args = ZERO2, ZERO2_SAVES
     with small_tmpfs(tmp_path / "disk", 24) as disk:
         run_dir = disk / "run"
-        args = ("train.save_interval_steps=1", "train.keep_last=2")
-        ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2", *args, ds=ds)))
+        shutil.copytree(zero2_two_steps, run_dir)
         filler = fill(disk, 64 << 10)
         # On 1 rank the ZeRO-2 checkpoint of 2 ranks goes through a universal copy, for which there is no room.
         proc = run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=3", *args, "--resume", "auto", ds=ds),
@@ -327,16 +340,17 @@ def test_disk_full_during_a_universal_conversion_stops_the_run_and_passes_over_n
 
 
 def test_a_preemption_notice_during_a_universal_conversion_preempts_and_passes_over_no_checkpoint(demo_corpus,
-                                                                                                   tmp_path):
+                                                                                                   tmp_path,
+                                                                                                   zero2_two_steps):
     # Found by the chaos storm (issue 21): srun signals every process of the step, the converter too, which died of
-    # USR1; its failure was taken for the checkpoint's, the run resumed from an older one and the skipped good one
-    # was deleted by the retention at the next save.
+    # USR1; its failure was taken for the checkpoint's, the run resumed from an older one (here step 1) and the
+    # skipped good one was deleted by the retention at the next save.
     import psutil
 
-    ds = "ds_configs/bs4.json+ds_configs/zero2.json"
+    ds = ZERO2
     run_dir = tmp_path / "run"
-    args = ("train.save_interval_steps=2", "train.keep_last=2", "train.max_steps=6")
-    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=4", *args[:2], ds=ds)))
+    shutil.copytree(zero2_two_steps, run_dir)
+    args = (*ZERO2_SAVES, "train.max_steps=6")
     proc = subprocess.Popen(deepspeed_cmd(*demo_args(demo_corpus, run_dir, *args, "--resume", "auto", ds=ds), nproc=1),
                             cwd=ROOT, env=train_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -359,19 +373,18 @@ def test_a_preemption_notice_during_a_universal_conversion_preempts_and_passes_o
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 75, out[-4000:]
-    assert "skipping checkpoint" not in out and "step 4," in out and "via universal checkpoint" in out, out[-4000:]
-    assert marker(run_dir, 5)["step"] == 5  # the preemption's checkpoint, after the first step from step 4
-    assert (run_dir / "checkpoints" / "step00000004" / "COMPLETE.json").is_file()
+    assert "skipping checkpoint" not in out and "step 2," in out and "via universal checkpoint" in out, out[-4000:]
+    assert marker(run_dir, 3)["step"] == 3  # the preemption's checkpoint, after the first step from step 2
+    assert (run_dir / "checkpoints" / "step00000002" / "COMPLETE.json").is_file()
 
 
-def test_a_damaged_universal_copy_is_made_again_not_loaded(demo_corpus, tmp_path):
+def test_a_damaged_universal_copy_is_made_again_not_loaded(tmp_path, zero2_two_steps):
     # Found by the chaos storm (issue 21): the universal copy that a resume on another world size makes was trusted as
     # soon as it held a marker (its source's, copied): a byte flipped in it since was loaded as it was.
     from launcher.checkpoint.store import ensure_universal
 
     run_dir = tmp_path / "run"
-    ok(run_deepspeed(*demo_args(demo_corpus, run_dir, "train.max_steps=2",
-                                ds="ds_configs/bs4.json+ds_configs/zero2.json")))
+    shutil.copytree(zero2_two_steps, run_dir)
     ckpt, tag = run_dir / "checkpoints", "step00000002"
     copy = ensure_universal(ckpt, tag, 2) / tag
     files = sorted(copy.rglob("*.pt"))
