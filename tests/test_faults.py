@@ -82,16 +82,17 @@ def rank_pid(run_dir: Path, rank: int) -> int:
     return int(pids[0])
 
 
-def stop_rank_and_end_like_srun(proc: subprocess.Popen, run_dir: Path, stopped_rank: int,
+def stop_rank_and_end_like_srun(proc: subprocess.Popen, run_dir: Path, stopped_rank: int, ready, what: str,
                                 release: Path | None = None) -> tuple[float, str]:
-    """SIGSTOP `stopped_rank` (then touch `release`, letting paused ranks go on), wait for the other rank to exit (its
-    watchdog's verdict), then kill the stopped rank as srun's --kill-on-bad-exit does (DeepSpeed's launcher would
-    wait 30 s for it to take a SIGTERM it cannot see); (seconds from the stop until the other rank exited, the job's
-    output). Whatever is left of the job is killed on the way out."""
+    """Once `ready()` (within 300 s), SIGSTOP `stopped_rank` (then touch `release`, letting paused ranks go on), wait
+    for the other rank to exit (its watchdog's verdict), then kill the stopped rank as srun's --kill-on-bad-exit does
+    (DeepSpeed's launcher would wait 30 s for it to take a SIGTERM it cannot see); (seconds from the stop until the
+    other rank exited, the job's output). Whatever is left of the job is killed on the way out."""
     import psutil
 
     stopped = None
     try:
+        wait_for(ready, 300, what)
         stopped, other = rank_pid(run_dir, stopped_rank), rank_pid(run_dir, 1 - stopped_rank)
         os.kill(stopped, signal.SIGSTOP)
         if release is not None:
@@ -473,13 +474,9 @@ def test_a_stopped_rank_0_ends_the_job_naming_its_host(demo_corpus, tmp_path):
                                                      "train.step_timeout_s=8", "train.slow_phase_timeout_s=120")),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    try:
-        wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(records(run_dir, "train")) >= 3, 300,
-                 "training to run")
-    except AssertionError:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    took, out = stop_rank_and_end_like_srun(proc, run_dir, 0)
+    took, out = stop_rank_and_end_like_srun(
+        proc, run_dir, 0, lambda: (run_dir / "metrics.jsonl").exists() and len(records(run_dir, "train")) >= 3,
+        "training to run")
     assert proc.returncode != 0 and took < 8 + 60, out[-4000:]
     assert "[watchdog] rank 1: no progress" in out, out[-4000:]
     # The store does not answer: the verdict names its host; rank 0 writes metrics.jsonl, so no record.
@@ -503,12 +500,9 @@ def test_a_rank_stopped_while_resuming_ends_the_job_naming_it(demo_corpus, tmp_p
                                                      "train.slow_phase_timeout_s=12")),
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    try:
-        wait_for(lambda: all((faults / f"paused.rank{r}").exists() for r in (0, 1)), 300, "both ranks to pause")
-    except AssertionError:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    took, out = stop_rank_and_end_like_srun(proc, run_dir, 1, release=faults / "release")
+    took, out = stop_rank_and_end_like_srun(
+        proc, run_dir, 1, lambda: all((faults / f"paused.rank{r}").exists() for r in (0, 1)), "both ranks to pause",
+        release=faults / "release")
     assert proc.returncode != 0 and took < 12 + 60, out[-4000:]
     assert "[watchdog] rank 0: no progress" in out and "resume: loading the checkpoint" in out, out[-4000:]
     assert "rank 1 (host" in out and "stopped making progress" in out, out[-4000:]

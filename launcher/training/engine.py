@@ -134,8 +134,9 @@ def zero_partition_padding(optimizer) -> None:
     checkpoint load, it stays zero: its gradients are zero padding too.
     """
     for i, params in enumerate(optimizer.fp16_groups):
-        flats = [optimizer.fp16_partitioned_groups_flat[i], optimizer.fp32_partitioned_groups_flat[i]]
-        flats = list({id(t): t for t in flats if t is not None and t.numel()}.values())  # fp32: the same tensor
+        # The rank's flat weights and fp32 master copy (one tensor in fp32; None or empty where swapped to NVMe).
+        flats = [t for t in (optimizer.fp16_partitioned_groups_flat[i], optimizer.fp32_partitioned_groups_flat[i])
+                 if t is not None and t.numel()]
         offset = 0
         for param, padding in zip(params, optimizer.groups_padding[i], strict=True):
             size = param.partition_numel()
